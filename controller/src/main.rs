@@ -1,0 +1,103 @@
+//! `postern-controller` entry point: parses arguments, sets up logging and signals, runs
+//! the command and maps failures to one stderr line and an exit code.
+//!
+//! Owns: exit codes (0 ok, 1 runtime error, 2 usage/validation error), tracing setup,
+//! SIGINT/SIGTERM registration. Must not touch: registry logic or output formats
+//! (see `cli`, `postern_controller::registry`).
+
+mod cli;
+
+use std::io::IsTerminal as _;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::error::ErrorKind;
+use clap::Parser as _;
+use postern_controller::registry::RegistryError;
+use postern_controller::sync::SyncError;
+
+fn main() -> ExitCode {
+    let parsed = match cli::Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => match e.kind() {
+            ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
+            _ => {
+                eprintln!("{}", one_line_clap_error(&e));
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let serving = matches!(parsed.command, cli::Command::Serve(_));
+    init_logging(if serving { "info" } else { "warn" });
+    match cli::run(parsed, register_stop) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("error: {msg}");
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+fn exit_code(e: &anyhow::Error) -> u8 {
+    let validation = e.chain().any(|c| {
+        c.downcast_ref::<cli::UsageError>().is_some()
+            || c.downcast_ref::<RegistryError>()
+                .is_some_and(RegistryError::is_validation)
+            || matches!(
+                c.downcast_ref::<SyncError>(),
+                Some(SyncError::Registry(r)) if r.is_validation()
+            )
+    });
+    if validation {
+        2
+    } else {
+        1
+    }
+}
+
+/// Clap renders several lines (error, usage, tip); keep the substance on one line.
+fn one_line_clap_error(e: &clap::Error) -> String {
+    let rendered = e.render().to_string();
+    let mut parts: Vec<&str> = Vec::new();
+    for line in rendered.lines().map(str::trim) {
+        if line.starts_with("Usage:") || line.starts_with("For more information") {
+            break;
+        }
+        if !line.is_empty() && !line.starts_with("tip:") {
+            parts.push(line);
+        }
+    }
+    let mut msg = parts.join(" ");
+    if !msg.starts_with("error:") {
+        msg.insert_str(0, "error: ");
+    }
+    msg.push_str(" (run with --help for usage and examples)");
+    msg
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+/// First SIGINT/SIGTERM sets the flag (clean stop); a second one exits at once.
+fn register_stop() -> anyhow::Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 1, Arc::clone(&stop))
+            .context("registering signal handler")?;
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .context("registering signal handler")?;
+    }
+    Ok(stop)
+}

@@ -1,0 +1,507 @@
+//! The registry: one SQLite file holding devices, apps, grants and the revision counter.
+//!
+//! Owns: connection settings (WAL, `synchronous=FULL`, foreign keys, busy timeout), every
+//! read and write of registry rows, the revision bump that goes with each write, and the
+//! consistent `Snapshot` read. Must not touch: the schema definition (see `schema`),
+//! sockets or the CLI's presentation.
+
+use std::fs::{DirBuilder, OpenOptions};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
+
+use crate::proto::keys::DevicePublicKey;
+use crate::proto::snapshot::{AppProtocol, AppRecord, DeviceRecord, GrantRecord, Snapshot};
+use crate::schema::{self, SchemaError};
+use crate::validate::{self, InvalidName};
+
+/// How long a writer waits for another process's lock before giving up.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything that can go wrong in the registry. Each message is one line that names the
+/// offending input and how to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("cannot create database directory {}: {source}: create it or pass another --db", path.display())]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open database {}: {source}: check the path and its permissions", path.display())]
+    Open {
+        path: PathBuf,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("{} is not a postern registry (not an SQLite database): pass the right --db path; the file was not modified", path.display())]
+    NotADatabase { path: PathBuf },
+    #[error("database {}: {source}", path.display())]
+    Schema { path: PathBuf, source: SchemaError },
+    #[error(transparent)]
+    InvalidName(#[from] InvalidName),
+    #[error("device name {name:?} already exists: pick another name or revoke the old device")]
+    DuplicateDeviceName { name: String },
+    #[error("device name {name:?} is still held by revoked device {id}: pick another name")]
+    DeviceNameHeldByRevoked { name: String, id: String },
+    #[error("--key is already registered to device {name:?} (id {id}): each device needs its own key; run `postern keygen` on the new device")]
+    DuplicateDeviceKey { name: String, id: String },
+    #[error("no device named or with id {0:?}: see `postern-controller device list`")]
+    UnknownDevice(String),
+    #[error("app {name:?} already exists: pick another name")]
+    DuplicateApp { name: String },
+    #[error("--port {port}/{protocol} is already used by app {app:?}: each protocol/port pair maps to exactly one app")]
+    PortTaken {
+        protocol: AppProtocol,
+        port: u16,
+        app: String,
+    },
+    #[error("--port 0 is invalid: use a port number from 1 to 65535")]
+    InvalidPort,
+    #[error("--app {0:?} is not a registered app: add it first with `postern-controller app add {0} --protocol tcp --port N`")]
+    UnknownApp(String),
+    #[error("registry corrupt: {0}")]
+    Corrupt(String),
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+}
+
+impl RegistryError {
+    /// True when the caller's input was rejected (exit code 2), false for runtime failures.
+    pub fn is_validation(&self) -> bool {
+        matches!(
+            self,
+            RegistryError::InvalidName(_)
+                | RegistryError::DuplicateDeviceName { .. }
+                | RegistryError::DeviceNameHeldByRevoked { .. }
+                | RegistryError::DuplicateDeviceKey { .. }
+                | RegistryError::UnknownDevice(_)
+                | RegistryError::DuplicateApp { .. }
+                | RegistryError::PortTaken { .. }
+                | RegistryError::InvalidPort
+                | RegistryError::UnknownApp(_)
+        )
+    }
+}
+
+/// Result of `revoke_device`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokeOutcome {
+    pub device: DeviceRecord,
+    /// The device was already revoked; nothing changed and the revision was not bumped.
+    pub already_revoked: bool,
+}
+
+/// Result of `add_grant`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantOutcome {
+    pub grant: GrantRecord,
+    /// The grant existed already; nothing changed and the revision was not bumped.
+    pub already_granted: bool,
+}
+
+/// A device row as listed for humans (the record plus its creation time).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRow {
+    pub record: DeviceRecord,
+    pub created_at: String,
+}
+
+/// An open registry database. One per thread; SQLite (WAL) arbitrates between processes.
+#[derive(Debug)]
+pub struct Registry {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl Registry {
+    /// Opens (creating if missing, mode 0600, parent directory 0700) and migrates the
+    /// registry at `path`. Refuses files that are not SQLite databases and databases
+    /// with a newer schema than this binary knows, without modifying them.
+    pub fn open(path: &Path) -> Result<Self, RegistryError> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            if !parent.exists() {
+                DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(parent)
+                    .map_err(|source| RegistryError::CreateDir {
+                        path: parent.to_owned(),
+                        source,
+                    })?;
+            }
+        }
+        // Create the file ourselves so it gets 0600; SQLite gives -wal/-shm the same mode.
+        if !path.exists() {
+            OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| RegistryError::Open {
+                    path: path.to_owned(),
+                    source: Box::new(e),
+                })?;
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_URI;
+        let mut conn = Connection::open_with_flags(path, flags).map_err(|e| open_err(path, e))?;
+        conn.busy_timeout(BUSY_TIMEOUT)
+            .map_err(|e| open_err(path, e))?;
+        // First real read of the file: detects garbage before anything is written.
+        let version = schema::current_version(&conn).map_err(|e| open_err(path, e))?;
+        if version > schema::LATEST_VERSION {
+            return Err(RegistryError::Schema {
+                path: path.to_owned(),
+                source: SchemaError::TooNew {
+                    found: version,
+                    supported: schema::LATEST_VERSION,
+                },
+            });
+        }
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .map_err(|e| open_err(path, e))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(RegistryError::Open {
+                path: path.to_owned(),
+                source: format!("journal_mode is {mode}, WAL could not be enabled").into(),
+            });
+        }
+        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
+            .map_err(|e| open_err(path, e))?;
+        schema::migrate(&mut conn).map_err(|source| match source {
+            SchemaError::Sqlite(e) => open_err(path, e),
+            source => RegistryError::Schema {
+                path: path.to_owned(),
+                source,
+            },
+        })?;
+        Ok(Self {
+            conn,
+            path: path.to_owned(),
+        })
+    }
+
+    /// The database file path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The connection's `(journal_mode, synchronous, foreign_keys)` pragmas, for checks.
+    pub fn settings(&self) -> Result<(String, i64, bool), RegistryError> {
+        let mode = self
+            .conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+        let sync = self
+            .conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))?;
+        let fk = self
+            .conn
+            .query_row("PRAGMA foreign_keys", [], |r| r.get(0))?;
+        Ok((mode, sync, fk))
+    }
+
+    /// The current revision; every committed write increments it by one.
+    pub fn revision(&self) -> Result<u64, RegistryError> {
+        read_revision(&self.conn)
+    }
+
+    /// Registers a device. The id is derived from the key; names and keys are unique.
+    pub fn add_device(
+        &mut self,
+        name: &str,
+        user: &str,
+        key: &DevicePublicKey,
+    ) -> Result<DeviceRecord, RegistryError> {
+        validate::device_name(name)?;
+        validate::user(user)?;
+        let record = DeviceRecord {
+            id: key.device_id().to_string(),
+            name: name.to_owned(),
+            user: user.to_owned(),
+            public_key: key.to_text(),
+            revoked: false,
+        };
+        let tx = self.write_tx()?;
+        if let Some((id, revoked)) = tx
+            .query_row(
+                "SELECT id, revoked FROM devices WHERE name = ?1",
+                [name],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?)),
+            )
+            .optional()?
+        {
+            return Err(if revoked {
+                RegistryError::DeviceNameHeldByRevoked {
+                    name: name.to_owned(),
+                    id,
+                }
+            } else {
+                RegistryError::DuplicateDeviceName {
+                    name: name.to_owned(),
+                }
+            });
+        }
+        if let Some((name, id)) = tx
+            .query_row(
+                "SELECT name, id FROM devices WHERE public_key = ?1 OR id = ?2",
+                params![record.public_key, record.id],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+            )
+            .optional()?
+        {
+            return Err(RegistryError::DuplicateDeviceKey { name, id });
+        }
+        tx.execute(
+            "INSERT INTO devices (id, name, user, public_key, revoked) VALUES (?1, ?2, ?3, ?4, 0)",
+            params![record.id, record.name, record.user, record.public_key],
+        )?;
+        bump(&tx)?;
+        tx.commit()?;
+        Ok(record)
+    }
+
+    /// All devices (revoked ones included), ordered by name.
+    pub fn list_devices(&self) -> Result<Vec<DeviceRow>, RegistryError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, name, user, public_key, revoked, created_at FROM devices ORDER BY name",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(DeviceRow {
+                record: device_from_row(r)?,
+                created_at: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Revokes a device by name or by 32-hex id. Revoking a revoked device is a no-op
+    /// reported through `already_revoked`.
+    pub fn revoke_device(&mut self, name_or_id: &str) -> Result<RevokeOutcome, RegistryError> {
+        let tx = self.write_tx()?;
+        let found = tx
+            .query_row(
+                "SELECT id, name, user, public_key, revoked FROM devices
+                 WHERE id = ?1 OR name = ?1 ORDER BY (id = ?1) DESC LIMIT 1",
+                [name_or_id],
+                device_from_row,
+            )
+            .optional()?;
+        let Some(mut device) = found else {
+            return Err(RegistryError::UnknownDevice(name_or_id.to_owned()));
+        };
+        if device.revoked {
+            return Ok(RevokeOutcome {
+                device,
+                already_revoked: true,
+            });
+        }
+        tx.execute("UPDATE devices SET revoked = 1 WHERE id = ?1", [&device.id])?;
+        bump(&tx)?;
+        tx.commit()?;
+        device.revoked = true;
+        Ok(RevokeOutcome {
+            device,
+            already_revoked: false,
+        })
+    }
+
+    /// Registers an app. Names follow the knock packet's charset; each (protocol, port)
+    /// belongs to one app.
+    pub fn add_app(
+        &mut self,
+        name: &str,
+        protocol: AppProtocol,
+        port: u16,
+    ) -> Result<AppRecord, RegistryError> {
+        validate::app_name(name)?;
+        if port == 0 {
+            return Err(RegistryError::InvalidPort);
+        }
+        let proto_text = protocol.to_string();
+        let tx = self.write_tx()?;
+        let exists: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM apps WHERE name = ?1)",
+            [name],
+            |r| r.get(0),
+        )?;
+        if exists {
+            return Err(RegistryError::DuplicateApp {
+                name: name.to_owned(),
+            });
+        }
+        if let Some(app) = tx
+            .query_row(
+                "SELECT name FROM apps WHERE protocol = ?1 AND port = ?2",
+                params![proto_text, port],
+                |r| r.get::<_, String>(0),
+            )
+            .optional()?
+        {
+            return Err(RegistryError::PortTaken {
+                protocol,
+                port,
+                app,
+            });
+        }
+        tx.execute(
+            "INSERT INTO apps (name, protocol, port) VALUES (?1, ?2, ?3)",
+            params![name, proto_text, port],
+        )?;
+        bump(&tx)?;
+        tx.commit()?;
+        Ok(AppRecord {
+            name: name.to_owned(),
+            protocol,
+            port,
+        })
+    }
+
+    /// All apps, ordered by name.
+    pub fn list_apps(&self) -> Result<Vec<AppRecord>, RegistryError> {
+        list_apps(&self.conn)
+    }
+
+    /// Grants `user` access to `app`. Granting twice is a no-op reported through
+    /// `already_granted`.
+    pub fn add_grant(&mut self, app: &str, user: &str) -> Result<GrantOutcome, RegistryError> {
+        validate::user(user)?;
+        let grant = GrantRecord {
+            app: app.to_owned(),
+            user: user.to_owned(),
+        };
+        let tx = self.write_tx()?;
+        let app_exists: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM apps WHERE name = ?1)",
+            [app],
+            |r| r.get(0),
+        )?;
+        if !app_exists {
+            return Err(RegistryError::UnknownApp(app.to_owned()));
+        }
+        let inserted = tx.execute(
+            "INSERT INTO grants (app, user) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+            params![app, user],
+        )?;
+        if inserted == 0 {
+            return Ok(GrantOutcome {
+                grant,
+                already_granted: true,
+            });
+        }
+        bump(&tx)?;
+        tx.commit()?;
+        Ok(GrantOutcome {
+            grant,
+            already_granted: false,
+        })
+    }
+
+    /// All grants, ordered by app then user.
+    pub fn list_grants(&self) -> Result<Vec<GrantRecord>, RegistryError> {
+        list_grants(&self.conn)
+    }
+
+    /// Everything the gateway needs, read in one transaction so the revision matches the rows.
+    pub fn snapshot(&mut self) -> Result<Snapshot, RegistryError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Deferred)?;
+        let revision = read_revision(&tx)?;
+        let devices = {
+            let mut stmt = tx
+                .prepare("SELECT id, name, user, public_key, revoked FROM devices ORDER BY name")?;
+            let rows = stmt.query_map([], device_from_row)?;
+            rows.collect::<Result<Vec<_>, _>>()?
+        };
+        let apps = list_apps(&tx)?;
+        let grants = list_grants(&tx)?;
+        tx.finish()?;
+        Ok(Snapshot {
+            revision,
+            devices,
+            apps,
+            grants,
+        })
+    }
+
+    fn write_tx(&mut self) -> Result<rusqlite::Transaction<'_>, RegistryError> {
+        Ok(self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?)
+    }
+}
+
+fn open_err(path: &Path, e: rusqlite::Error) -> RegistryError {
+    if e.sqlite_error_code() == Some(ErrorCode::NotADatabase) {
+        RegistryError::NotADatabase {
+            path: path.to_owned(),
+        }
+    } else {
+        RegistryError::Open {
+            path: path.to_owned(),
+            source: Box::new(e),
+        }
+    }
+}
+
+fn read_revision(conn: &Connection) -> Result<u64, RegistryError> {
+    let rev: i64 = conn.query_row("SELECT revision FROM meta WHERE id = 1", [], |r| r.get(0))?;
+    u64::try_from(rev).map_err(|_| RegistryError::Corrupt(format!("negative revision {rev}")))
+}
+
+fn bump(conn: &Connection) -> Result<(), RegistryError> {
+    let n = conn.execute("UPDATE meta SET revision = revision + 1 WHERE id = 1", [])?;
+    if n != 1 {
+        return Err(RegistryError::Corrupt("meta row missing".into()));
+    }
+    Ok(())
+}
+
+fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRecord> {
+    Ok(DeviceRecord {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        user: r.get(2)?,
+        public_key: r.get(3)?,
+        revoked: r.get(4)?,
+    })
+}
+
+fn list_apps(conn: &Connection) -> Result<Vec<AppRecord>, RegistryError> {
+    let mut stmt = conn.prepare("SELECT name, protocol, port FROM apps ORDER BY name")?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, u16>(2)?,
+        ))
+    })?;
+    let mut apps = Vec::new();
+    for row in rows {
+        let (name, proto, port) = row?;
+        let protocol = proto
+            .parse::<AppProtocol>()
+            .map_err(|_| RegistryError::Corrupt(format!("app {name:?} has protocol {proto:?}")))?;
+        apps.push(AppRecord {
+            name,
+            protocol,
+            port,
+        });
+    }
+    Ok(apps)
+}
+
+fn list_grants(conn: &Connection) -> Result<Vec<GrantRecord>, RegistryError> {
+    let mut stmt = conn.prepare("SELECT app, user FROM grants ORDER BY app, user")?;
+    let rows = stmt.query_map([], |r| {
+        Ok(GrantRecord {
+            app: r.get(0)?,
+            user: r.get(1)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}

@@ -1,0 +1,93 @@
+//! Byte encodings of set and map elements.
+//!
+//! Owns: how a session id and a pinhole (`addr . proto . port : mark`) are
+//! laid out as nftables keys and data, and the reverse decoding. Fields of a
+//! concatenation are each padded to 4 bytes; the mark is a u32 in host byte
+//! order, the port in network byte order (as `nft --debug=netlink` shows:
+//! `0200000a 00000011 0000bb01 : 00000008` for 10.0.0.2 . udp . 443 : 8).
+//! Must not touch: sockets, the ruleset.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use crate::{
+    ruleset::{PINHOLES4, PINHOLES6},
+    AppProto,
+};
+
+/// Key of a session element (`type mark`).
+pub(crate) fn session_key(mark: u32) -> Vec<u8> {
+    mark.to_ne_bytes().to_vec()
+}
+
+/// Decodes a `type mark` key or map datum.
+pub(crate) fn decode_mark(bytes: &[u8]) -> Option<u32> {
+    Some(u32::from_ne_bytes(bytes.get(..4)?.try_into().ok()?))
+}
+
+/// The map a pinhole lives in and its key.
+pub(crate) fn pinhole_key(addr: IpAddr, proto: AppProto, port: u16) -> (&'static str, Vec<u8>) {
+    let mut key = Vec::with_capacity(24);
+    let set = match addr {
+        IpAddr::V4(a) => {
+            key.extend_from_slice(&a.octets());
+            PINHOLES4
+        }
+        IpAddr::V6(a) => {
+            key.extend_from_slice(&a.octets());
+            PINHOLES6
+        }
+    };
+    key.extend_from_slice(&[proto.number(), 0, 0, 0]);
+    let p = port.to_be_bytes();
+    key.extend_from_slice(&[p[0], p[1], 0, 0]);
+    (set, key)
+}
+
+/// Decodes a pinhole key (12 bytes for IPv4, 24 for IPv6).
+pub(crate) fn decode_pinhole(key: &[u8]) -> Option<(IpAddr, AppProto, u16)> {
+    let (addr, rest): (IpAddr, &[u8]) = match key.len() {
+        12 => {
+            let o: [u8; 4] = key[..4].try_into().ok()?;
+            (IpAddr::V4(Ipv4Addr::from(o)), &key[4..])
+        }
+        24 => {
+            let o: [u8; 16] = key[..16].try_into().ok()?;
+            (IpAddr::V6(Ipv6Addr::from(o)), &key[16..])
+        }
+        _ => return None,
+    };
+    let proto = AppProto::from_number(rest[0])?;
+    let port = u16::from_be_bytes([rest[4], rest[5]]);
+    Some((addr, proto, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_key_matches_nft_debug_output() {
+        let (set, key) = pinhole_key("10.0.0.2".parse().expect("addr"), AppProto::Udp, 443);
+        assert_eq!(set, PINHOLES4);
+        assert_eq!(key, [10, 0, 0, 2, 17, 0, 0, 0, 0x01, 0xbb, 0, 0]);
+        assert_eq!(
+            decode_pinhole(&key),
+            Some(("10.0.0.2".parse().expect("addr"), AppProto::Udp, 443))
+        );
+    }
+
+    #[test]
+    fn ipv6_key_is_24_bytes_and_round_trips() {
+        let a: IpAddr = "fd00::1".parse().expect("addr");
+        let (set, key) = pinhole_key(a, AppProto::Tcp, 8080);
+        assert_eq!(set, PINHOLES6);
+        assert_eq!(key.len(), 24);
+        assert_eq!(decode_pinhole(&key), Some((a, AppProto::Tcp, 8080)));
+    }
+
+    #[test]
+    fn mark_is_host_order() {
+        assert_eq!(decode_mark(&session_key(0x0102_0304)), Some(0x0102_0304));
+        assert_eq!(session_key(7), 7u32.to_ne_bytes());
+    }
+}

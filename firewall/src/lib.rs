@@ -1,0 +1,468 @@
+//! Postern's firewall: one nftables table, sessions and pinholes with kernel
+//! timeouts, and conntrack cleanup.
+//!
+//! Owns: the public API ([`Firewall`], [`FirewallConfig`], [`Pinhole`],
+//! [`SessionId`], [`LivePinhole`], [`AppProto`]) and the in-memory record of
+//! which pinholes belong to which session.
+//! Must not touch: any nftables table but `inet <table>`, conntrack entries
+//! whose mark is not one of our sessions, the host's own traffic.
+//!
+//! Mechanism (DESIGN §4): `install` writes the dark ruleset with `nft -f -`;
+//! the hot path (`open`, `close_session`, `list`, `flush`) uses ONE long-lived
+//! `NETLINK_NETFILTER` socket (see [`netlink`](crate::netlink)).
+//!
+//! Network namespaces: the socket is bound to the namespace of the thread that
+//! calls [`Firewall::install`], and `nft` runs as a child of the thread that
+//! calls `install`/`uninstall`, so it sees that thread's namespace too. A
+//! caller (the tests) that enters a namespace with `setns` on a dedicated
+//! thread and calls `install`/`uninstall` from it gets everything there.
+//!
+//! Renewal: on kernels >= 6.10 a NEWSETELEM without `NLM_F_EXCL` for an
+//! existing element with identical data updates it in place, but only the
+//! attributes it carries: with the timeout alone an unchanged timeout is a
+//! no-op (measured: the countdown kept running), so every add also sends
+//! `NFTA_SET_ELEM_EXPIRATION` = timeout, which restarts the countdown. `open`
+//! is one batch of two NEWSETELEMs. A pinhole that must move to
+//! another session is destroyed first (DESTROYSETELEM, kernel >= 6.3) in the
+//! same batch.
+//!
+//! Kernel requirements: nftables with per-element timeouts; renewal needs
+//! kernel 6.10 or later (timeout/expiration update of an existing element), pinhole
+//! takeover needs 6.3 or later (DESTROYSETELEM), the conntrack flush by mark needs
+//! CONFIG_NF_CONNTRACK_MARK. Measured on 6.18.
+//!
+//! Reads on the netlink socket block until the kernel answers every request
+//! (it always answers a message flagged NLM_F_ACK); there is no read timeout.
+
+mod conntrack;
+mod elements;
+mod error;
+mod netlink;
+pub mod ruleset;
+
+use std::{
+    collections::HashMap,
+    fmt,
+    net::IpAddr,
+    str::FromStr,
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::error::{errno_name, FirewallError};
+use crate::{
+    netlink::{ElemOp, NfSocket},
+    ruleset::{PINHOLES4, PINHOLES6, SESSIONS},
+};
+
+/// Transport protocol of an app / pinhole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProto {
+    /// TCP (6).
+    Tcp,
+    /// UDP (17).
+    Udp,
+}
+
+impl AppProto {
+    /// IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            AppProto::Tcp => 6,
+            AppProto::Udp => 17,
+        }
+    }
+
+    /// From an IP protocol number (6 or 17).
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            6 => Some(AppProto::Tcp),
+            17 => Some(AppProto::Udp),
+            _ => None,
+        }
+    }
+
+    /// `"tcp"` or `"udp"` (also the nft keyword).
+    pub fn name(self) -> &'static str {
+        match self {
+            AppProto::Tcp => "tcp",
+            AppProto::Udp => "udp",
+        }
+    }
+}
+
+impl fmt::Display for AppProto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for AppProto {
+    type Err = FirewallError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "tcp" => Ok(AppProto::Tcp),
+            "udp" => Ok(AppProto::Udp),
+            _ => Err(FirewallError::Invalid(format!(
+                "protocol {s:?}: expected tcp or udp"
+            ))),
+        }
+    }
+}
+
+/// A session id; nonzero; used as the conntrack mark of the session's flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SessionId(pub u32);
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Ruleset parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirewallConfig {
+    /// Name of the `inet` table postern owns (default `"postern"`).
+    pub table: String,
+    /// Ports left reachable without a knock (e.g. ssh for admins).
+    pub open_ports: Vec<(AppProto, u16)>,
+}
+
+impl Default for FirewallConfig {
+    fn default() -> Self {
+        FirewallConfig {
+            table: "postern".to_owned(),
+            open_ports: Vec::new(),
+        }
+    }
+}
+
+/// A door to open: new connections from `addr` to `proto`/`port` are admitted
+/// and stamped with `session`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Pinhole {
+    /// Client address (source of the new connections).
+    pub addr: IpAddr,
+    /// Transport protocol.
+    pub proto: AppProto,
+    /// Destination port on this host.
+    pub port: u16,
+    /// Session the admitted flows belong to.
+    pub session: SessionId,
+}
+
+/// A pinhole as the kernel holds it right now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LivePinhole {
+    /// Client address.
+    pub addr: IpAddr,
+    /// Transport protocol.
+    pub proto: AppProto,
+    /// Destination port.
+    pub port: u16,
+    /// Session (conntrack mark) the pinhole stamps.
+    pub session: SessionId,
+    /// Time left before the kernel removes it.
+    pub expires_in: Duration,
+}
+
+type PinKey = (IpAddr, AppProto, u16);
+
+/// Postern's table and the one netlink socket that edits it.
+#[derive(Debug)]
+pub struct Firewall {
+    table: String,
+    sock: NfSocket,
+    /// Sessions we added, with the expiry we asked for.
+    sessions: HashMap<SessionId, Instant>,
+    /// Pinholes we added: owner session and expiry.
+    pinholes: HashMap<PinKey, (SessionId, Instant)>,
+    opens: u64,
+}
+
+/// Prune the in-memory maps of expired entries every this many opens.
+const PRUNE_EVERY: u64 = 1024;
+
+fn ttl_ms(ttl: Duration, what: &str) -> Result<u64, FirewallError> {
+    let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+    // A zero timeout would mean "never expires" to the kernel: refuse it.
+    if ms == 0 {
+        return Err(FirewallError::Invalid(format!(
+            "{what} ttl {ttl:?}: must be at least 1 ms"
+        )));
+    }
+    // Kernel limit: the timeout in jiffies must fit; ~49 days is far beyond use.
+    if ms > u64::from(u32::MAX) {
+        return Err(FirewallError::Invalid(format!(
+            "{what} ttl {ttl:?}: at most {} ms",
+            u32::MAX
+        )));
+    }
+    Ok(ms)
+}
+
+impl Firewall {
+    /// Atomically (re)creates `table inet <table>` with the dark ruleset and
+    /// opens the netlink socket. Elements of a previous run are dropped and the
+    /// conntrack entries of their sessions deleted. Touches no other table.
+    pub fn install(cfg: &FirewallConfig) -> Result<Firewall, FirewallError> {
+        let script = ruleset::render(cfg)?;
+        let mut sock = NfSocket::open()?;
+        // Sessions of a previous run: their flows die with the new table, so
+        // free their conntrack entries too.
+        let old_marks: Vec<u32> = match sock.dump_set(&cfg.table, SESSIONS) {
+            Ok(elems) => elems
+                .iter()
+                .filter_map(|e| elements::decode_mark(&e.key))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        ruleset::run_nft(&script, &cfg.table, "installing")?;
+        for mark in old_marks {
+            conntrack::delete_by_mark(&mut sock, mark)?;
+        }
+        Ok(Firewall {
+            table: cfg.table.clone(),
+            sock,
+            sessions: HashMap::new(),
+            pinholes: HashMap::new(),
+            opens: 0,
+        })
+    }
+
+    /// Name of the table this firewall drives.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// Adds or renews the session element and the pinhole element in ONE
+    /// netlink batch; both timeouts restart from now. Every ack is checked.
+    pub fn open(
+        &mut self,
+        p: &Pinhole,
+        pinhole_ttl: Duration,
+        session_ttl: Duration,
+    ) -> Result<(), FirewallError> {
+        if p.session.0 == 0 {
+            return Err(FirewallError::Invalid(
+                "session id 0: conntrack mark 0 means \"no session\"".into(),
+            ));
+        }
+        let pin_ms = ttl_ms(pinhole_ttl, "pinhole")?;
+        let ses_ms = ttl_ms(session_ttl, "session")?;
+        let now = Instant::now();
+        let pk: PinKey = (p.addr, p.proto, p.port);
+        let (map, key) = elements::pinhole_key(p.addr, p.proto, p.port);
+        let mark = elements::session_key(p.session.0);
+
+        let mut ops: Vec<(&str, ElemOp)> = Vec::with_capacity(3);
+        ops.push((
+            SESSIONS,
+            ElemOp::Add {
+                key: mark.clone(),
+                data: None,
+                timeout_ms: ses_ms,
+            },
+        ));
+        // Same key, other mark: the kernel would answer EEXIST; replace it.
+        if matches!(self.pinholes.get(&pk), Some((s, _)) if *s != p.session) {
+            ops.push((map, ElemOp::Destroy { key: key.clone() }));
+        }
+        ops.push((
+            map,
+            ElemOp::Add {
+                key,
+                data: Some(mark),
+                timeout_ms: pin_ms,
+            },
+        ));
+        match self.sock.batch(&self.table, &ops) {
+            Ok(()) => {}
+            // A pinhole of another owner we did not know about (previous run,
+            // other process): destroy and add again, once.
+            Err(FirewallError::Kernel { errno, .. }) if errno == libc::EEXIST => {
+                let add = ops.pop();
+                if let Some(add) = add {
+                    let (map, key) = elements::pinhole_key(p.addr, p.proto, p.port);
+                    let retry = vec![ops.swap_remove(0), (map, ElemOp::Destroy { key }), add];
+                    self.sock.batch(&self.table, &retry)?;
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        self.sessions
+            .insert(p.session, now + Duration::from_millis(ses_ms));
+        self.pinholes
+            .insert(pk, (p.session, now + Duration::from_millis(pin_ms)));
+        self.opens += 1;
+        if self.opens % PRUNE_EVERY == 0 {
+            self.sessions.retain(|_, exp| *exp > now);
+            self.pinholes.retain(|_, (_, exp)| *exp > now);
+        }
+        Ok(())
+    }
+
+    /// Removes the session element and all its pinholes (one batch), then
+    /// deletes the conntrack entries whose mark is the session id. Established
+    /// flows stop at the first packet after the batch; a reply from the app
+    /// cannot revive them (output chain guard). Unknown sessions are fine.
+    pub fn close_session(&mut self, session: SessionId) -> Result<(), FirewallError> {
+        let mut ops: Vec<(&str, ElemOp)> = vec![(
+            SESSIONS,
+            ElemOp::Destroy {
+                key: elements::session_key(session.0),
+            },
+        )];
+        let mine: Vec<PinKey> = self
+            .pinholes
+            .iter()
+            .filter(|(_, (s, _))| *s == session)
+            .map(|(k, _)| *k)
+            .collect();
+        for (addr, proto, port) in &mine {
+            let (map, key) = elements::pinhole_key(*addr, *proto, *port);
+            ops.push((map, ElemOp::Destroy { key }));
+        }
+        self.sock.batch(&self.table, &ops)?;
+        self.sessions.remove(&session);
+        for k in &mine {
+            self.pinholes.remove(k);
+        }
+        conntrack::delete_by_mark(&mut self.sock, session.0)
+    }
+
+    /// Reads back every live pinhole from the kernel (netlink dump; millisecond
+    /// precision).
+    pub fn list(&mut self) -> Result<Vec<LivePinhole>, FirewallError> {
+        let mut out = Vec::new();
+        for map in [PINHOLES4, PINHOLES6] {
+            for e in self.sock.dump_set(&self.table, map)? {
+                let decoded = elements::decode_pinhole(&e.key);
+                let mark = e.data.as_deref().and_then(elements::decode_mark);
+                let (Some((addr, proto, port)), Some(mark)) = (decoded, mark) else {
+                    return Err(FirewallError::Protocol {
+                        what: format!("listing map {map} of table inet {}", self.table),
+                        detail: format!("undecodable element key {:02x?}", e.key),
+                    });
+                };
+                out.push(LivePinhole {
+                    addr,
+                    proto,
+                    port,
+                    session: SessionId(mark),
+                    expires_in: Duration::from_millis(
+                        e.expiration_ms.or(e.timeout_ms).unwrap_or(0),
+                    ),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Live session ids and their remaining time, read from the kernel.
+    pub fn list_sessions(&mut self) -> Result<Vec<(SessionId, Duration)>, FirewallError> {
+        Ok(self
+            .sock
+            .dump_set(&self.table, SESSIONS)?
+            .iter()
+            .filter_map(|e| {
+                let m = elements::decode_mark(&e.key)?;
+                let left = e.expiration_ms.or(e.timeout_ms).unwrap_or(0);
+                Some((SessionId(m), Duration::from_millis(left)))
+            })
+            .collect())
+    }
+
+    /// Clean stop: removes every session and pinhole (one batch) and deletes
+    /// the conntrack entries of every session we know of or find in the
+    /// kernel. The dark ruleset stays: the host stays dark.
+    pub fn flush(&mut self) -> Result<(), FirewallError> {
+        let mut marks: Vec<u32> = self.sessions.keys().map(|s| s.0).collect();
+        for e in self.sock.dump_set(&self.table, SESSIONS)? {
+            if let Some(m) = elements::decode_mark(&e.key) {
+                marks.push(m);
+            }
+        }
+        marks.extend(self.pinholes.values().map(|(s, _)| s.0));
+        marks.sort_unstable();
+        marks.dedup();
+        let ops = [
+            (SESSIONS, ElemOp::Flush),
+            (PINHOLES4, ElemOp::Flush),
+            (PINHOLES6, ElemOp::Flush),
+        ];
+        self.sock.batch(&self.table, &ops)?;
+        self.sessions.clear();
+        self.pinholes.clear();
+        for m in marks {
+            conntrack::delete_by_mark(&mut self.sock, m)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes only `table inet <table>`; a missing table is Ok.
+    pub fn uninstall(table: &str) -> Result<(), FirewallError> {
+        ruleset::uninstall(table)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn firewall_can_move_to_another_thread() {
+        fn is_send<T: Send>() {}
+        is_send::<Firewall>();
+        is_send::<FirewallError>();
+    }
+
+    #[test]
+    fn ruleset_names_only_our_table() {
+        let cfg = FirewallConfig {
+            table: "pst_x".into(),
+            open_ports: vec![(AppProto::Tcp, 22), (AppProto::Udp, 500)],
+        };
+        let text = ruleset::render(&cfg).expect("render");
+        for line in text.lines().filter(|l| l.contains("table ")) {
+            assert!(line.contains("table inet pst_x"), "{line}");
+        }
+        assert!(text.contains("tcp dport { 22 } accept"));
+        assert!(text.contains("udp dport { 500 } accept"));
+        assert!(text.contains("policy drop"));
+    }
+
+    #[test]
+    fn table_names_are_checked() {
+        for bad in ["", "1abc", "a b", "x;flush ruleset", "a}"] {
+            let cfg = FirewallConfig {
+                table: bad.into(),
+                open_ports: vec![],
+            };
+            assert!(
+                matches!(ruleset::render(&cfg), Err(FirewallError::Invalid(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn ttls_are_checked() {
+        assert!(ttl_ms(Duration::ZERO, "x").is_err());
+        assert!(ttl_ms(Duration::from_micros(10), "x").is_err());
+        assert_eq!(ttl_ms(Duration::from_secs(30), "x").ok(), Some(30_000));
+    }
+
+    #[test]
+    fn proto_text_round_trips() {
+        for p in [AppProto::Tcp, AppProto::Udp] {
+            assert_eq!(p.to_string().parse::<AppProto>().ok(), Some(p));
+            assert_eq!(AppProto::from_number(p.number()), Some(p));
+        }
+        assert!("icmp".parse::<AppProto>().is_err());
+    }
+}

@@ -1,0 +1,97 @@
+//! The audit trail: one JSON line per decision, written to stdout or an append-only file.
+//!
+//! Owns the line format (stable field names, documented in docs/operations.md) and the
+//! writer. Never writes key material. Must not make decisions.
+
+use std::fs::OpenOptions;
+use std::io::{self, Write};
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Mutex;
+
+use serde_json::{json, Value};
+
+use crate::config::AuditTarget;
+use crate::pipeline::Decision;
+
+/// Thread-safe JSON-lines audit writer.
+pub struct AuditLog {
+    out: Mutex<Box<dyn Write + Send>>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuditLog")
+    }
+}
+
+impl AuditLog {
+    pub fn open(target: &AuditTarget) -> io::Result<AuditLog> {
+        let out: Box<dyn Write + Send> = match target {
+            AuditTarget::Stdout => Box::new(io::stdout()),
+            AuditTarget::File(p) => Box::new(open_append(p)?),
+        };
+        Ok(AuditLog {
+            out: Mutex::new(out),
+        })
+    }
+
+    /// Records one knock decision.
+    pub fn knock(&self, ts_ms: u64, src: IpAddr, decision: &Decision) {
+        let mut line = json!({
+            "ts_ms": ts_ms,
+            "event": "knock",
+            "decision": decision.verdict(),
+            "reason": decision.reason(),
+            "src": src.to_string(),
+        });
+        if let (Some(k), Value::Object(map)) = (decision.who(), &mut line) {
+            map.insert("device".into(), json!(k.device));
+            map.insert("device_name".into(), json!(k.device_name));
+            map.insert("user".into(), json!(k.user));
+            map.insert("app".into(), json!(k.app));
+        }
+        if let (
+            Decision::Allow {
+                pinhole, renewed, ..
+            },
+            Value::Object(map),
+        ) = (decision, &mut line)
+        {
+            map.insert("session".into(), json!(pinhole.session.0));
+            map.insert("renewed".into(), json!(renewed));
+            map.insert("port".into(), json!(pinhole.port));
+        }
+        self.write(&line);
+    }
+
+    /// Records any other event (sync, start, stop, firewall failure).
+    pub fn event(&self, ts_ms: u64, event: &str, fields: Value) {
+        let mut line = json!({ "ts_ms": ts_ms, "event": event });
+        if let (Value::Object(map), Value::Object(extra)) = (&mut line, fields) {
+            map.extend(extra);
+        }
+        self.write(&line);
+    }
+
+    fn write(&self, line: &Value) {
+        let mut out = match self.out.lock() {
+            Ok(o) => o,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        // An audit line that cannot be written is reported on stderr; the decision stands.
+        if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+            tracing::error!(error = %e, "audit log write failed");
+        }
+    }
+}
+
+fn open_append(path: &Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("audit log {}: {e}", path.display())))
+}

@@ -1,0 +1,48 @@
+//! Packet capture: where SPA datagrams come from (sniff or UDP mode).
+//!
+//! Owns the choice of capture mode and hands `(source address, payload)` pairs to the
+//! pipeline. Must not decide anything about a knock.
+
+pub mod ip;
+mod sniff;
+mod udp;
+
+use std::io;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use crate::config::{CaptureMode, Config};
+
+pub use sniff::SniffSocket;
+pub use udp::UdpCapture;
+
+/// A receive buffer big enough for any SPA datagram plus its IP and UDP headers.
+pub const BUFFER_LEN: usize = 2048;
+
+/// The configured capture source.
+#[derive(Debug)]
+pub enum Capture {
+    Sniff(SniffSocket),
+    Udp(UdpCapture),
+}
+
+impl Capture {
+    /// Opens the source named by the config; `timeout` bounds each `recv` so the caller
+    /// can notice a stop request.
+    pub fn open(cfg: &Config, timeout: Duration) -> io::Result<Capture> {
+        Ok(match cfg.capture {
+            CaptureMode::Sniff => {
+                Capture::Sniff(SniffSocket::open(&cfg.interface, cfg.spa_port, timeout)?)
+            }
+            CaptureMode::Udp => Capture::Udp(UdpCapture::open(cfg.listen, cfg.spa_port, timeout)?),
+        })
+    }
+
+    /// The next datagram to the SPA port, or `None` after the timeout.
+    pub fn recv<'a>(&mut self, buf: &'a mut [u8]) -> io::Result<Option<(IpAddr, &'a [u8])>> {
+        match self {
+            Capture::Sniff(s) => s.recv(buf),
+            Capture::Udp(u) => u.recv(buf),
+        }
+    }
+}

@@ -1,0 +1,377 @@
+//! The gateway's TOML configuration: parsing and validation at load.
+//!
+//! Owns the `Config` type and every rule about what a valid configuration is; each
+//! bad field yields one error line naming the field and the fix. Must not open
+//! sockets, touch the firewall or read key material (only checks the key file's mode).
+
+use std::fmt;
+use std::net::IpAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use postern_firewall::AppProto;
+use serde::Deserialize;
+
+/// How the gateway receives SPA datagrams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureMode {
+    /// AF_PACKET capture: no listening socket at all, the SPA port stays dropped.
+    Sniff,
+    /// An ordinary bound UDP socket, for hosts that prefer it.
+    Udp,
+}
+
+impl fmt::Display for CaptureMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CaptureMode::Sniff => "sniff",
+            CaptureMode::Udp => "udp",
+        })
+    }
+}
+
+/// The configuration file as written by the admin.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    key_file: PathBuf,
+    #[serde(default = "default_capture")]
+    capture: CaptureMode,
+    #[serde(default = "default_interface")]
+    interface: String,
+    #[serde(default = "default_spa_port")]
+    spa_port: u16,
+    #[serde(default = "default_listen")]
+    listen: IpAddr,
+    controller_socket: PathBuf,
+    #[serde(default = "default_audit_log")]
+    audit_log: String,
+    #[serde(default = "default_max_skew_secs")]
+    max_skew_secs: u64,
+    #[serde(default = "default_pinhole_secs")]
+    pinhole_secs: u64,
+    #[serde(default = "default_session_secs")]
+    session_secs: u64,
+    #[serde(default = "default_table")]
+    table: String,
+    #[serde(default)]
+    open_ports: Vec<String>,
+}
+
+fn default_capture() -> CaptureMode {
+    CaptureMode::Sniff
+}
+fn default_interface() -> String {
+    "any".to_owned()
+}
+fn default_spa_port() -> u16 {
+    62201
+}
+fn default_listen() -> IpAddr {
+    IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+}
+fn default_audit_log() -> String {
+    "-".to_owned()
+}
+fn default_max_skew_secs() -> u64 {
+    30
+}
+fn default_pinhole_secs() -> u64 {
+    30
+}
+fn default_session_secs() -> u64 {
+    3600
+}
+fn default_table() -> String {
+    "postern".to_owned()
+}
+
+/// Where audit lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditTarget {
+    Stdout,
+    File(PathBuf),
+}
+
+/// A validated gateway configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub key_file: PathBuf,
+    pub capture: CaptureMode,
+    pub interface: String,
+    pub spa_port: u16,
+    pub listen: IpAddr,
+    pub controller_socket: PathBuf,
+    pub audit: AuditTarget,
+    pub max_skew_ms: u64,
+    pub pinhole_secs: u64,
+    pub session_secs: u64,
+    pub table: String,
+    pub open_ports: Vec<(AppProto, u16)>,
+}
+
+/// A configuration error: one line naming the file, the field and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: field `{field}`: {message}")]
+    Field {
+        path: PathBuf,
+        field: &'static str,
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates `text`; `path` only names the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            // toml's message spans several lines (with a caret diagram); keep it to one.
+            message: located(text, e.span(), e.message()),
+        })?;
+        let field = |field: &'static str, message: String| ConfigError::Field {
+            path: path.to_owned(),
+            field,
+            message,
+        };
+        if raw.spa_port == 0 {
+            return Err(field(
+                "spa_port",
+                "must be 1..=65535 (default 62201)".into(),
+            ));
+        }
+        if raw.interface.is_empty() || raw.interface.len() > 15 {
+            return Err(field(
+                "interface",
+                "must be an interface name (at most 15 bytes) or \"any\"".into(),
+            ));
+        }
+        if !(1..=600).contains(&raw.max_skew_secs) {
+            return Err(field(
+                "max_skew_secs",
+                format!(
+                    "{} is out of range: use 1..=600 (default 30)",
+                    raw.max_skew_secs
+                ),
+            ));
+        }
+        if !(1..=86_400).contains(&raw.pinhole_secs) {
+            return Err(field(
+                "pinhole_secs",
+                format!(
+                    "{} is out of range: use 1..=86400 (default 30)",
+                    raw.pinhole_secs
+                ),
+            ));
+        }
+        if raw.session_secs < raw.pinhole_secs || raw.session_secs > 30 * 86_400 {
+            return Err(field(
+                "session_secs",
+                format!(
+                    "{} is out of range: use pinhole_secs ({})..=2592000",
+                    raw.session_secs, raw.pinhole_secs
+                ),
+            ));
+        }
+        let table_ok = !raw.table.is_empty()
+            && raw.table.len() <= 32
+            && raw
+                .table
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !table_ok {
+            return Err(field(
+                "table",
+                "must be 1..=32 characters of [A-Za-z0-9_-] (default \"postern\")".into(),
+            ));
+        }
+        let audit = match raw.audit_log.as_str() {
+            "" => {
+                return Err(field(
+                    "audit_log",
+                    "must be \"-\" (stdout) or a file path".into(),
+                ))
+            }
+            "-" => AuditTarget::Stdout,
+            p => AuditTarget::File(PathBuf::from(p)),
+        };
+        let mut open_ports = Vec::with_capacity(raw.open_ports.len());
+        for entry in &raw.open_ports {
+            open_ports.push(parse_port_spec(entry).ok_or_else(|| {
+                field(
+                    "open_ports",
+                    format!("{entry:?} is not PROTO/PORT: write e.g. \"tcp/22\" or \"udp/53\""),
+                )
+            })?);
+        }
+        check_key_file_mode(&raw.key_file).map_err(|m| field("key_file", m))?;
+        Ok(Config {
+            key_file: raw.key_file,
+            capture: raw.capture,
+            interface: raw.interface,
+            spa_port: raw.spa_port,
+            listen: raw.listen,
+            controller_socket: raw.controller_socket,
+            audit,
+            max_skew_ms: raw.max_skew_secs * 1000,
+            pinhole_secs: raw.pinhole_secs,
+            session_secs: raw.session_secs,
+            table: raw.table,
+            open_ports,
+        })
+    }
+}
+
+/// One line: "field `KEY` (line N): MESSAGE", naming the key written on the line the
+/// error points at (toml's own message does not always name it).
+fn located(text: &str, span: Option<std::ops::Range<usize>>, message: &str) -> String {
+    let Some(r) = span else {
+        return message.to_owned();
+    };
+    let before = text.get(..r.start).unwrap_or("");
+    let line_no = before.bytes().filter(|&b| b == b'\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or("");
+    match line.split_once('=') {
+        Some((key, _)) if !key.trim().is_empty() && !message.contains(key.trim()) => {
+            format!("field `{}` (line {line_no}): {message}", key.trim())
+        }
+        _ => format!("{message} (line {line_no})"),
+    }
+}
+
+/// "tcp/22" -> (Tcp, 22).
+fn parse_port_spec(s: &str) -> Option<(AppProto, u16)> {
+    let (proto, port) = s.split_once('/')?;
+    let proto = match proto {
+        "tcp" => AppProto::Tcp,
+        "udp" => AppProto::Udp,
+        _ => return None,
+    };
+    let port: u16 = port.parse().ok()?;
+    (port != 0).then_some((proto, port))
+}
+
+/// The key file must exist and be readable by its owner only.
+fn check_key_file_mode(path: &Path) -> Result<(), String> {
+    let meta = std::fs::metadata(path).map_err(|e| {
+        format!(
+            "{}: {e}: create it with `postern-gateway keygen --out {}`",
+            path.display(),
+            path.display()
+        )
+    })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{} is readable by others (mode {mode:04o}): run `chmod 600 {}`",
+            path.display(),
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key_file(dir: &Path) -> PathBuf {
+        let p = dir.join("gw.key");
+        std::fs::write(&p, "x").expect("write temp key file");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod temp key file");
+        p
+    }
+
+    fn parse(extra: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = key_file(dir.path());
+        let text = format!(
+            "key_file = {:?}\ncontroller_socket = \"/run/c.sock\"\n{extra}",
+            key.display().to_string()
+        );
+        Config::parse(&text, Path::new("gw.toml"))
+    }
+
+    #[test]
+    fn defaults_are_safe() {
+        let c = parse("").expect("minimal config is valid");
+        assert_eq!(c.capture, CaptureMode::Sniff);
+        assert_eq!(c.spa_port, 62201);
+        assert_eq!(c.pinhole_secs, 30);
+        assert!(c.open_ports.is_empty());
+        assert_eq!(c.audit, AuditTarget::Stdout);
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let cases = [
+            ("spa_port = 0", "spa_port"),
+            ("capture = \"pcap\"", "capture"),
+            ("max_skew_secs = 0", "max_skew_secs"),
+            ("pinhole_secs = 0", "pinhole_secs"),
+            ("pinhole_secs = 10\nsession_secs = 5", "session_secs"),
+            ("table = \"bad table\"", "table"),
+            ("open_ports = [\"tcp/0\"]", "open_ports"),
+            ("open_ports = [\"sctp/22\"]", "open_ports"),
+            ("interface = \"\"", "interface"),
+            ("colour = \"blue\"", "colour"),
+            ("audit_log = \"\"", "audit_log"),
+            ("spa_port = \"x\"", "spa_port"),
+        ];
+        for (extra, field) in cases {
+            let err = parse(extra).expect_err(extra).to_string();
+            assert!(err.contains(field), "{extra:?} gave {err:?}");
+            assert!(
+                !err.contains('\n'),
+                "{extra:?} gave a multi-line error {err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn missing_required_field_is_named() {
+        let err = Config::parse("capture = \"udp\"", Path::new("gw.toml"))
+            .expect_err("key_file is required")
+            .to_string();
+        assert!(err.contains("key_file"), "{err}");
+    }
+
+    #[test]
+    fn world_readable_key_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = key_file(dir.path());
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let text = format!(
+            "key_file = {:?}\ncontroller_socket = \"/c\"\n",
+            key.display().to_string()
+        );
+        let err = Config::parse(&text, Path::new("gw.toml"))
+            .expect_err("0644 key refused")
+            .to_string();
+        assert!(err.contains("chmod 600"), "{err}");
+    }
+
+    #[test]
+    fn open_ports_parse() {
+        let c = parse("open_ports = [\"tcp/22\", \"udp/53\"]").expect("valid");
+        assert_eq!(c.open_ports, vec![(AppProto::Tcp, 22), (AppProto::Udp, 53)]);
+    }
+}

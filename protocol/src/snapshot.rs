@@ -1,0 +1,208 @@
+//! Registry snapshot: the data the controller pushes and the gateway decides from.
+//!
+//! Owns: the serde (JSON) shape of devices, apps and grants, shared by the controller
+//! (producer; also its `--json` listings) and the gateway (consumer), plus small lookup
+//! helpers.
+//!
+//! Must not touch: storage (SQLite is the controller's), transport (the Unix socket sync
+//! protocol is the controller's and gateway's), the firewall or any policy decision.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::keys::{DeviceId, DevicePublicKey, KeyError};
+
+/// Everything the gateway needs from the registry, at one revision.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct Snapshot {
+    /// Monotonic registry revision (bumped by every write).
+    pub revision: u64,
+    /// Enrolled devices (revoked ones included, flagged).
+    pub devices: Vec<DeviceRecord>,
+    /// Protected apps.
+    pub apps: Vec<AppRecord>,
+    /// Which user may reach which app.
+    pub grants: Vec<GrantRecord>,
+}
+
+/// One enrolled device.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct DeviceRecord {
+    /// Device id, 32 lowercase hex digits.
+    pub id: String,
+    /// Unique device name.
+    pub name: String,
+    /// Owning user.
+    pub user: String,
+    /// `ed25519:<base64>`.
+    pub public_key: String,
+    /// Revoked devices are refused.
+    pub revoked: bool,
+}
+
+impl DeviceRecord {
+    /// Parse `public_key` (`ed25519:<base64>`). Whether it matches `id` is the caller's check
+    /// (`parsed_key()?.device_id() == parsed_id()?`).
+    pub fn parsed_key(&self) -> Result<DevicePublicKey, KeyError> {
+        DevicePublicKey::from_text(&self.public_key)
+    }
+
+    /// Parse `id`.
+    pub fn parsed_id(&self) -> Result<DeviceId, KeyError> {
+        self.id.parse()
+    }
+}
+
+/// One protected app.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct AppRecord {
+    /// App name (`[a-z0-9._-]`, 1..=64 bytes).
+    pub name: String,
+    /// Transport protocol.
+    pub protocol: AppProtocol,
+    /// Destination port on the gateway host.
+    pub port: u16,
+}
+
+/// Transport protocol of an app. JSON/Display: `"tcp"` / `"udp"`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    /// TCP (IP protocol 6).
+    Tcp,
+    /// UDP (IP protocol 17).
+    Udp,
+}
+
+impl AppProtocol {
+    /// IP protocol number: 6 for TCP, 17 for UDP.
+    pub fn number(self) -> u8 {
+        match self {
+            AppProtocol::Tcp => 6,
+            AppProtocol::Udp => 17,
+        }
+    }
+}
+
+impl fmt::Display for AppProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AppProtocol::Tcp => "tcp",
+            AppProtocol::Udp => "udp",
+        })
+    }
+}
+
+/// Error from parsing an [`AppProtocol`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown protocol {0:?}: expected \"tcp\" or \"udp\"")]
+pub struct ParseAppProtocolError(pub String);
+
+impl FromStr for AppProtocol {
+    type Err = ParseAppProtocolError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "tcp" => Ok(AppProtocol::Tcp),
+            "udp" => Ok(AppProtocol::Udp),
+            other => Err(ParseAppProtocolError(other.to_owned())),
+        }
+    }
+}
+
+/// A grant: `user` may reach `app`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct GrantRecord {
+    /// App name.
+    pub app: String,
+    /// User name.
+    pub user: String,
+}
+
+impl Snapshot {
+    /// The device record with this id (ids compare as parsed bytes, so case does not matter).
+    pub fn device(&self, id: &DeviceId) -> Option<&DeviceRecord> {
+        self.devices
+            .iter()
+            .find(|d| d.parsed_id().is_ok_and(|x| x == *id))
+    }
+
+    /// The app record with this name.
+    pub fn app(&self, name: &str) -> Option<&AppRecord> {
+        self.apps.iter().find(|a| a.name == name)
+    }
+
+    /// True when a grant lets `user` reach `app`.
+    pub fn is_granted(&self, app: &str, user: &str) -> bool {
+        self.grants.iter().any(|g| g.app == app && g.user == user)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::DeviceSigningKey;
+
+    fn sample() -> Snapshot {
+        let pk = DeviceSigningKey::from_seed([4u8; 32]).public_key();
+        Snapshot {
+            revision: 7,
+            devices: vec![DeviceRecord {
+                id: pk.device_id().to_string(),
+                name: "laptop".into(),
+                user: "alice".into(),
+                public_key: pk.to_text(),
+                revoked: false,
+            }],
+            apps: vec![
+                AppRecord {
+                    name: "ssh".into(),
+                    protocol: AppProtocol::Tcp,
+                    port: 22,
+                },
+                AppRecord {
+                    name: "dns".into(),
+                    protocol: AppProtocol::Udp,
+                    port: 53,
+                },
+            ],
+            grants: vec![GrantRecord {
+                app: "ssh".into(),
+                user: "alice".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn serde_round_trip() {
+        let s = sample();
+        let json = serde_json::to_string(&s).expect("serialize");
+        assert!(json.contains("\"protocol\":\"tcp\""));
+        assert!(json.contains("\"protocol\":\"udp\""));
+        let back: Snapshot = serde_json::from_str(&json).expect("deserialize");
+        assert_eq!(back, s);
+    }
+
+    #[test]
+    fn lookups() {
+        let s = sample();
+        let pk = DeviceSigningKey::from_seed([4u8; 32]).public_key();
+        let d = s.device(&pk.device_id()).expect("device present");
+        assert_eq!(d.parsed_key(), Ok(pk));
+        assert!(s.device(&DeviceId([0u8; 16])).is_none());
+        assert_eq!(s.app("ssh").map(|a| a.port), Some(22));
+        assert!(s.is_granted("ssh", "alice"));
+        assert!(!s.is_granted("dns", "alice"));
+    }
+
+    #[test]
+    fn app_protocol_text() {
+        assert_eq!("tcp".parse::<AppProtocol>(), Ok(AppProtocol::Tcp));
+        assert_eq!(AppProtocol::Udp.to_string(), "udp");
+        assert_eq!(AppProtocol::Tcp.number(), 6);
+        assert_eq!(AppProtocol::Udp.number(), 17);
+        assert!("TCP".parse::<AppProtocol>().is_err());
+        assert!(serde_json::from_str::<AppProtocol>("\"sctp\"").is_err());
+    }
+}
