@@ -242,6 +242,8 @@ impl Config {
 /// One line: "field `KEY` (line N): MESSAGE", naming the key written on the line the
 /// error points at (toml's own message does not always name it).
 fn located(text: &str, span: Option<std::ops::Range<usize>>, message: &str) -> String {
+    let message = message.trim().replace('\n', "; ");
+    let message = message.as_str();
     let Some(r) = span else {
         return message.to_owned();
     };
@@ -343,6 +345,15 @@ mod tests {
                 !err.contains('\n'),
                 "{extra:?} gave a multi-line error {err:?}"
             );
+        }
+    }
+
+    #[test]
+    fn syntax_errors_are_one_line() {
+        // Found by the gateway_config fuzz target: toml's message spans two lines here.
+        for text in ["[S\nY", "key_file = \"x\"\n[[", "= 1", "a = [1,"] {
+            let err = Config::parse(text, Path::new("gw.toml")).expect_err(text).to_string();
+            assert!(!err.contains('\n'), "{text:?} gave a multi-line error {err:?}");
         }
     }
 

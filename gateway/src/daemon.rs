@@ -12,12 +12,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use arc_swap::ArcSwapOption;
-use postern_firewall::{Firewall, FirewallConfig};
+use postern_firewall::{AppProto, Firewall, FirewallConfig};
 use serde_json::json;
 
 use crate::audit::AuditLog;
 use crate::capture::{Capture, BUFFER_LEN};
-use crate::config::Config;
+use crate::config::{CaptureMode, Config};
 use crate::keyfile;
 use crate::pipeline::{Decision, KnockPipeline, PipelineLimits};
 use crate::unix_ms;
@@ -37,9 +37,15 @@ pub fn run(cfg: &Config) -> Result<()> {
         signal_hook::flag::register(sig, Arc::clone(&stop)).context("install signal handler")?;
     }
 
+    let mut open_ports = cfg.open_ports.clone();
+    if cfg.capture == CaptureMode::Udp {
+        // UDP mode reads knocks from a bound socket, so the SPA port itself must pass the
+        // dark ruleset (sniff mode reads them before the input hook and keeps it dropped).
+        open_ports.push((AppProto::Udp, cfg.spa_port));
+    }
     let mut firewall = Firewall::install(&FirewallConfig {
         table: cfg.table.clone(),
-        open_ports: cfg.open_ports.clone(),
+        open_ports,
     })
     .context("install the nftables ruleset")?;
     let result = serve(cfg, &mut firewall, secret, &audit, &stop);

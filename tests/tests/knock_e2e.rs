@@ -155,8 +155,15 @@ fn knock_and_connect(s: &Setup, dev: &Device, v6: bool) -> (TcpStream, Duration,
     let addr = SocketAddr::new(s.lab.gateway_addr(v6), APP_PORT);
     let gw_ip = s.lab.gateway_addr(v6);
     s.lab.run_in(&s.lab.client, || {
+        let started = Instant::now();
         knock_cli_ok(&s.lab, &s.gw, dev, APP, gw_ip);
         let knocked = Instant::now();
+        record_timing(&format!(
+            "knock command [{}] {}: `ip netns exec C postern knock` ran {:.2} ms",
+            s.gw.options.capture.as_str(),
+            if v6 { "ipv6" } else { "ipv4" },
+            (knocked - started).as_secs_f64() * 1000.0
+        ));
         let mut attempts = 0u32;
         loop {
             attempts += 1;
@@ -410,6 +417,38 @@ fn ipv6_knock_opens_the_port(mode: Capture) {
     s.assert_dark("over IPv4 after an IPv6 knock");
 }
 
+/// SIGTERM: the gateway closes every door it opened (pinholes and sessions, so a live flow
+/// stops) and exits 0, leaving its dark ruleset in place.
+fn clean_stop_closes_every_door(mode: Capture) {
+    let dev = Device::keygen("laptop");
+    let mut s = Setup::new(mode, |ctl| {
+        dev.enroll(ctl, USER);
+    });
+    let (mut stream, _, _, _) = knock_and_connect(&s, &dev, false);
+    echo_roundtrip(&mut stream, b"before stop", Duration::from_secs(1)).expect("echo");
+
+    let asked = Instant::now();
+    let status =
+        s.gw.stop(Duration::from_secs(15))
+            .expect("the gateway exits within 15 s of SIGTERM");
+    record_timing(&format!(
+        "clean stop [{}]: SIGTERM -> exit {:.2} s",
+        mode.as_str(),
+        asked.elapsed().as_secs_f64()
+    ));
+    assert!(status.success(), "clean stop must exit 0, got {status}");
+    assert!(
+        s.gw.table_exists(),
+        "a clean stop keeps table inet postern (the host stays dark)"
+    );
+    if s.connect(DARK_TIMEOUT).is_ok() {
+        panic!("app port reachable after the gateway stopped: the pinhole was not removed");
+    }
+    if echo_roundtrip(&mut stream, b"after stop", Duration::from_millis(700)).is_ok() {
+        panic!("established flow still carries data after the gateway stopped");
+    }
+}
+
 /// The lab itself: the veth pair carries IPv4 and IPv6 between the namespaces (no gateway
 /// running, so no ruleset), and drop removes both namespaces. (Nothing is ever sent from the
 /// root namespace: the lab's addresses exist only inside its namespaces.)
@@ -462,4 +501,5 @@ both_modes!(
     revoked_device_is_refused_without_restart,
     listening_sockets_match_the_capture_mode,
     ipv6_knock_opens_the_port,
+    clean_stop_closes_every_door,
 );
