@@ -352,8 +352,13 @@ mod tests {
     fn syntax_errors_are_one_line() {
         // Found by the gateway_config fuzz target: toml's message spans two lines here.
         for text in ["[S\nY", "key_file = \"x\"\n[[", "= 1", "a = [1,"] {
-            let err = Config::parse(text, Path::new("gw.toml")).expect_err(text).to_string();
-            assert!(!err.contains('\n'), "{text:?} gave a multi-line error {err:?}");
+            let err = Config::parse(text, Path::new("gw.toml"))
+                .expect_err(text)
+                .to_string();
+            assert!(
+                !err.contains('\n'),
+                "{text:?} gave a multi-line error {err:?}"
+            );
         }
     }
 
