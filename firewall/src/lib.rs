@@ -299,7 +299,7 @@ impl Firewall {
         self.pinholes
             .insert(pk, (p.session, now + Duration::from_millis(pin_ms)));
         self.opens += 1;
-        if self.opens % PRUNE_EVERY == 0 {
+        if self.opens.is_multiple_of(PRUNE_EVERY) {
             self.sessions.retain(|_, exp| *exp > now);
             self.pinholes.retain(|_, (_, exp)| *exp > now);
         }

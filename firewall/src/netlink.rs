@@ -361,7 +361,7 @@ fn emit(out: &mut Vec<u8>, flags: u16, seq: u32, msg: NetfilterMessage) {
     out.resize(start + packet.buffer_len(), 0);
     packet.serialize(&mut out[start..]);
     // Netlink messages in one datagram are 4-byte aligned.
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
 }

@@ -490,6 +490,15 @@ impl Gateway {
         )
     }
 
+    /// SIGKILL, as a crash would: no stop code runs. Waits until the process is gone.
+    pub fn kill(&mut self) {
+        run_ok(Command::new("kill").args(["-9", &self.pid().to_string()]));
+        let gone = poll(Duration::from_secs(5), Duration::from_millis(10), || {
+            self.child.exited()
+        });
+        assert!(gone.is_some(), "postern-gateway survived SIGKILL for 5 s");
+    }
+
     /// Sends SIGTERM and waits for a clean exit (status returned), or None after `timeout`.
     pub fn stop(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         self.child.terminate(timeout)

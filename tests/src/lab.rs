@@ -583,7 +583,9 @@ pub fn record_timing(line: &str) {
     let dir = target_dir().join("postern-e2e");
     if std::fs::create_dir_all(&dir).is_ok() {
         let mut f = open_append(&dir.join("timings.log"));
-        let _ = writeln!(f, "{line}");
+        // One write(2) per line: parallel tests append to the same O_APPEND file, and
+        // `writeln!` may split a line into several writes that interleave.
+        let _ = f.write_all(format!("{line}\n").as_bytes());
     }
 }
 

@@ -87,6 +87,22 @@ impl Setup {
         }
     }
 
+    /// Waits until new connections fail, at most 1.5 s past the pinhole's timeout counted
+    /// from `knocked`, and records how long after the knock that was.
+    fn wait_pinhole_expiry(&mut self, knocked: Instant, label: &str) {
+        let pinhole = Duration::from_secs(self.gw.options.pinhole_secs);
+        let dark_at = self.wait_dark(
+            knocked + pinhole + Duration::from_millis(1500),
+            &format!("1.5 s after the pinhole expired ({label})"),
+        );
+        record_timing(&format!(
+            "{label} [{}]: new connections refused {:.2} s after the knock (pinhole_secs {})",
+            self.gw.options.capture.as_str(),
+            (dark_at - knocked).as_secs_f64(),
+            self.gw.options.pinhole_secs
+        ));
+    }
+
     /// Waits for the `n`-th knock decision from the client and checks verdict and reason.
     fn expect_decision(&mut self, n: usize, decision: &str, reason: &str) -> Value {
         let line = self.gw.wait_knock(self.client_ip(), n, DECISION_TIMEOUT);
@@ -224,17 +240,7 @@ fn knock_opens_the_port_until_it_expires(mode: Capture) {
         .expect("a new connection 1 s after the knock (pinhole 2 s) is admitted");
 
     // The pinhole expires: new connections fail.
-    let pinhole = Duration::from_secs(s.gw.options.pinhole_secs);
-    let dark_at = s.wait_dark(
-        knocked + pinhole + Duration::from_millis(1500),
-        "1.5 s after the pinhole expired",
-    );
-    record_timing(&format!(
-        "pinhole expiry [{}]: new connections refused {:.2} s after the knock (pinhole_secs {})",
-        mode.as_str(),
-        (dark_at - knocked).as_secs_f64(),
-        s.gw.options.pinhole_secs
-    ));
+    s.wait_pinhole_expiry(knocked, "pinhole expiry");
     s.assert_dark("after the pinhole expired");
 
     // The established flow outlives the pinhole while its session lives...
@@ -449,6 +455,50 @@ fn clean_stop_closes_every_door(mode: Capture) {
     }
 }
 
+/// SIGKILL (a crash): no stop code runs, yet no door outlives its kernel timeout; and a
+/// restarted gateway starts from empty sets (it clears what it finds, never widens it).
+fn killed_gateway_leaves_no_door_past_its_timeout(mode: Capture) {
+    let dev = Device::keygen("laptop");
+    let mut s = Setup::new(mode, |ctl| {
+        dev.enroll(ctl, USER);
+    });
+
+    // 1. Crash with a live pinhole and session: the kernel's timeouts close both.
+    let (mut stream, _, knocked, _) = knock_and_connect(&s, &dev, false);
+    s.gw.kill();
+    echo_roundtrip(&mut stream, b"after the crash", Duration::from_secs(1))
+        .expect("the session (4 s) still carries the flow right after the crash");
+    s.wait_pinhole_expiry(knocked, "crash (gateway SIGKILLed)");
+    let session = Duration::from_secs(s.gw.options.session_secs);
+    std::thread::sleep(
+        (knocked + session + Duration::from_millis(300)).saturating_duration_since(Instant::now()),
+    );
+    if echo_roundtrip(
+        &mut stream,
+        b"after the session",
+        Duration::from_millis(700),
+    )
+    .is_ok()
+    {
+        panic!("a crashed gateway's flow still carries data after its session expired");
+    }
+
+    // 2. Crash with a live pinhole, restart at once: the new gateway clears it.
+    s.gw = Gateway::start(&s.lab, &s.ctl, GatewayOptions::new(mode));
+    let (mut stream, _, _, _) = knock_and_connect(&s, &dev, false);
+    s.gw.kill();
+    s.gw = Gateway::start(&s.lab, &s.ctl, GatewayOptions::new(mode));
+    let ruleset = s.gw.ruleset();
+    assert!(
+        !ruleset.contains("elements"),
+        "a restarted gateway must start with empty pinhole and session sets:\n{ruleset}"
+    );
+    s.assert_dark("right after the restart, inside the old pinhole's window");
+    if echo_roundtrip(&mut stream, b"after restart", Duration::from_millis(700)).is_ok() {
+        panic!("a flow admitted by the crashed gateway survived the restart");
+    }
+}
+
 /// The lab itself: the veth pair carries IPv4 and IPv6 between the namespaces (no gateway
 /// running, so no ruleset), and drop removes both namespaces. (Nothing is ever sent from the
 /// root namespace: the lab's addresses exist only inside its namespaces.)
@@ -502,4 +552,5 @@ both_modes!(
     listening_sockets_match_the_capture_mode,
     ipv6_knock_opens_the_port,
     clean_stop_closes_every_door,
+    killed_gateway_leaves_no_door_past_its_timeout,
 );
