@@ -5,6 +5,8 @@
 
 # Tools the lab needs, as "tool:debian-package".
 POSTERN_LAB_TOOLS=(ip:iproute2 ss:iproute2 nft:nftables conntrack:conntrack)
+# Tools only the tests need (tests/tests/darkness_e2e.rs scans the lab with nmap).
+POSTERN_TEST_TOOLS=(nmap:nmap)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }

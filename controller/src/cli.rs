@@ -103,7 +103,7 @@ pub enum DeviceCommand {
 pub enum AppCommand {
     /// Register an app: a name knocks refer to and the protocol/port it opens.
     #[command(
-        after_help = "Example:\n  postern-controller app add web --protocol tcp --port 443\n  postern-controller app add dns --protocol udp --port 53"
+        after_help = "Example:\n  postern-controller app add web --protocol tcp --port 443\n  postern-controller app add dns --protocol udp --port 53\n  postern-controller app add wiki --protocol tcp --port 8443 --forward 10.0.0.5:80\n\nWith --forward the app lives on an internal host: after a knock the client connects to\nthe gateway's address and --port, and the gateway forwards that connection (only it)\nto HOST:PORT. See docs/operations.md, \"Forward mode\"."
     )]
     Add {
         /// App name as used in knocks (1-64 of a-z 0-9 . _ -).
@@ -115,6 +115,10 @@ pub enum AppCommand {
         /// Port number, 1-65535.
         #[arg(long, value_name = "N", value_parser = parse_port, allow_hyphen_values = true)]
         port: u16,
+        /// Forward mode: the internal host and port the gateway forwards to (IPv4
+        /// `10.0.0.5:80` or IPv6 `[fd00::5]:80`; literals only).
+        #[arg(long, value_name = "HOST:PORT")]
+        forward: Option<String>,
     },
     /// List apps.
     #[command(after_help = "Example:\n  postern-controller app list --json")]
@@ -151,7 +155,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATH")]
     pub socket: PathBuf,
     /// How long to hold a request when nothing changes (tests only).
-    #[arg(long, hide = true, value_name = "MS", default_value_t = 10_000)]
+    #[arg(long, hide = true, value_name = "MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub hold_ms: u64,
 }
 
@@ -241,13 +246,28 @@ pub fn run(cli: Cli, stop: impl FnOnce() -> anyhow::Result<Arc<AtomicBool>>) -> 
             name,
             protocol,
             port,
+            forward,
         }) => {
-            let app = open()?.add_app(&name, protocol, port)?;
-            writeln!(
-                out,
-                "added app {:?} ({}/{})",
-                app.name, app.protocol, app.port
-            )?;
+            let forward = match forward {
+                Some(text) => Some(
+                    postern_controller::validate::forward(&text)
+                        .map_err(|e| UsageError(e.to_string()))?,
+                ),
+                None => None,
+            };
+            let app = open()?.add_app_forward(&name, protocol, port, forward)?;
+            match app.forward {
+                Some(target) => writeln!(
+                    out,
+                    "added app {:?} ({}/{} forwarded to {target})",
+                    app.name, app.protocol, app.port
+                )?,
+                None => writeln!(
+                    out,
+                    "added app {:?} ({}/{})",
+                    app.name, app.protocol, app.port
+                )?,
+            }
         }
         Command::App(AppCommand::List(args)) => {
             let apps = open()?.list_apps()?;
@@ -256,9 +276,12 @@ pub fn run(cli: Cli, stop: impl FnOnce() -> anyhow::Result<Arc<AtomicBool>>) -> 
             } else {
                 let rows = apps
                     .into_iter()
-                    .map(|a| vec![a.name, a.protocol.to_string(), a.port.to_string()])
+                    .map(|a| {
+                        let forward = a.forward.map_or_else(|| "-".to_owned(), |f| f.to_string());
+                        vec![a.name, a.protocol.to_string(), a.port.to_string(), forward]
+                    })
                     .collect();
-                print_table(&mut out, &["NAME", "PROTOCOL", "PORT"], rows)?;
+                print_table(&mut out, &["NAME", "PROTOCOL", "PORT", "FORWARD"], rows)?;
             }
         }
         Command::Grant(GrantCommand::Add { app, user }) => {

@@ -13,24 +13,11 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use clap::error::ErrorKind;
-use clap::Parser as _;
 use postern_controller::registry::RegistryError;
 use postern_controller::sync::SyncError;
 
 fn main() -> ExitCode {
-    let parsed = match cli::Cli::try_parse() {
-        Ok(c) => c,
-        Err(e) => match e.kind() {
-            ErrorKind::DisplayHelp
-            | ErrorKind::DisplayVersion
-            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
-            _ => {
-                eprintln!("{}", one_line_clap_error(&e));
-                return ExitCode::from(2);
-            }
-        },
-    };
+    let parsed: cli::Cli = postern_terminal::parse_args();
     let serving = matches!(parsed.command, cli::Command::Serve(_));
     init_logging(if serving { "info" } else { "warn" });
     match cli::run(parsed, register_stop) {
@@ -61,25 +48,6 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 }
 
 /// Clap renders several lines (error, usage, tip); keep the substance on one line.
-fn one_line_clap_error(e: &clap::Error) -> String {
-    let rendered = e.render().to_string();
-    let mut parts: Vec<&str> = Vec::new();
-    for line in rendered.lines().map(str::trim) {
-        if line.starts_with("Usage:") || line.starts_with("For more information") {
-            break;
-        }
-        if !line.is_empty() && !line.starts_with("tip:") {
-            parts.push(line);
-        }
-    }
-    let mut msg = parts.join(" ");
-    if !msg.starts_with("error:") {
-        msg.insert_str(0, "error: ");
-    }
-    msg.push_str(" (run with --help for usage and examples)");
-    msg
-}
-
 fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));

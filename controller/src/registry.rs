@@ -15,7 +15,7 @@ use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, Tran
 use crate::proto::keys::DevicePublicKey;
 use crate::proto::snapshot::{AppProtocol, AppRecord, DeviceRecord, GrantRecord, Snapshot};
 use crate::schema::{self, SchemaError};
-use crate::validate::{self, InvalidName};
+use crate::validate::{self, InvalidForward, InvalidName};
 
 /// How long a writer waits for another process's lock before giving up.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -40,6 +40,8 @@ pub enum RegistryError {
     Schema { path: PathBuf, source: SchemaError },
     #[error(transparent)]
     InvalidName(#[from] InvalidName),
+    #[error(transparent)]
+    InvalidForward(#[from] InvalidForward),
     #[error("device name {name:?} already exists: pick another name or revoke the old device")]
     DuplicateDeviceName { name: String },
     #[error("device name {name:?} is still held by revoked device {id}: pick another name")]
@@ -72,6 +74,7 @@ impl RegistryError {
         matches!(
             self,
             RegistryError::InvalidName(_)
+                | RegistryError::InvalidForward(_)
                 | RegistryError::DuplicateDeviceName { .. }
                 | RegistryError::DeviceNameHeldByRevoked { .. }
                 | RegistryError::DuplicateDeviceKey { .. }
@@ -317,7 +320,24 @@ impl Registry {
         protocol: AppProtocol,
         port: u16,
     ) -> Result<AppRecord, RegistryError> {
+        self.add_app_forward(name, protocol, port, None)
+    }
+
+    /// Registers an app, optionally in forward mode: knocks for it open `protocol`/`port`
+    /// on the gateway, and the gateway forwards those connections to `forward` on its
+    /// internal network (checked with [`validate::forward`]).
+    pub fn add_app_forward(
+        &mut self,
+        name: &str,
+        protocol: AppProtocol,
+        port: u16,
+        forward: Option<std::net::SocketAddr>,
+    ) -> Result<AppRecord, RegistryError> {
         validate::app_name(name)?;
+        let forward_text = match forward {
+            Some(f) => Some(validate::forward(&f.to_string())?.to_string()),
+            None => None,
+        };
         if port == 0 {
             return Err(RegistryError::InvalidPort);
         }
@@ -348,8 +368,8 @@ impl Registry {
             });
         }
         tx.execute(
-            "INSERT INTO apps (name, protocol, port) VALUES (?1, ?2, ?3)",
-            params![name, proto_text, port],
+            "INSERT INTO apps (name, protocol, port, forward) VALUES (?1, ?2, ?3, ?4)",
+            params![name, proto_text, port, forward_text],
         )?;
         bump(&tx)?;
         tx.commit()?;
@@ -357,6 +377,7 @@ impl Registry {
             name: name.to_owned(),
             protocol,
             port,
+            forward,
         })
     }
 
@@ -472,24 +493,32 @@ fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRecord> {
 }
 
 fn list_apps(conn: &Connection) -> Result<Vec<AppRecord>, RegistryError> {
-    let mut stmt = conn.prepare("SELECT name, protocol, port FROM apps ORDER BY name")?;
+    let mut stmt = conn.prepare("SELECT name, protocol, port, forward FROM apps ORDER BY name")?;
     let rows = stmt.query_map([], |r| {
         Ok((
             r.get::<_, String>(0)?,
             r.get::<_, String>(1)?,
             r.get::<_, u16>(2)?,
+            r.get::<_, Option<String>>(3)?,
         ))
     })?;
     let mut apps = Vec::new();
     for row in rows {
-        let (name, proto, port) = row?;
+        let (name, proto, port, forward) = row?;
         let protocol = proto
             .parse::<AppProtocol>()
             .map_err(|_| RegistryError::Corrupt(format!("app {name:?} has protocol {proto:?}")))?;
+        let forward = match forward {
+            Some(text) => Some(validate::forward(&text).map_err(|_| {
+                RegistryError::Corrupt(format!("app {name:?} has forward target {text:?}"))
+            })?),
+            None => None,
+        };
         apps.push(AppRecord {
             name,
             protocol,
             port,
+            forward,
         });
     }
     Ok(apps)

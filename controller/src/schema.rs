@@ -40,6 +40,13 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (app, user)
     );
     "#,
+    // 2: forward mode (connector): an app may live on an internal host behind the gateway.
+    // `forward` is `IP:PORT` / `[IPv6]:PORT` text as Rust's `SocketAddr` prints it; NULL means
+    // the app listens on the gateway host itself.
+    r#"
+    ALTER TABLE apps ADD COLUMN forward TEXT
+        CHECK (forward IS NULL OR length(forward) BETWEEN 9 AND 47);
+    "#,
 ];
 
 /// The schema version this binary writes and understands.

@@ -74,6 +74,17 @@ pub struct SyncRequest {
     pub after_revision: Option<u64>,
 }
 
+impl SyncRequest {
+    /// Parses one request line: exactly one JSON object. (Serde's derived parser would
+    /// also take an array such as `[5]` as the struct's fields in order.)
+    pub fn parse(line: &[u8]) -> Result<SyncRequest, String> {
+        if line.trim_ascii_start().first() != Some(&b'{') {
+            return Err("a request is one JSON object".to_owned());
+        }
+        serde_json::from_slice(line).map_err(|e| e.to_string())
+    }
+}
+
 /// A controller response line: `{"snapshot": ...}` or `{"error": "..."}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -370,7 +381,7 @@ fn serve_connection(stream: UnixStream, ctx: &ConnCtx) -> io::Result<()> {
                     "request line not terminated by a newline",
                 )
             }
-            Line::Request(bytes) => match serde_json::from_slice::<SyncRequest>(&bytes) {
+            Line::Request(bytes) => match SyncRequest::parse(&bytes) {
                 Ok(r) => r,
                 Err(e) => {
                     return refuse(
@@ -435,6 +446,16 @@ mod tests {
         assert_eq!(r.after_revision, None);
         assert!(serde_json::from_str::<SyncRequest>(r#"{"after":1}"#).is_err());
         assert!(serde_json::from_str::<SyncRequest>(r#"{"after_revision":-1}"#).is_err());
+        assert_eq!(
+            SyncRequest::parse(br#" {"after_revision":7}"#).map(|r| r.after_revision),
+            Ok(Some(7))
+        );
+        for not_an_object in [&b"[5]"[..], b"[]", b"5", b"\"x\"", b"null", b""] {
+            assert!(
+                SyncRequest::parse(not_an_object).is_err(),
+                "{not_an_object:?}"
+            );
+        }
     }
 
     #[test]

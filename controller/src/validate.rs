@@ -82,10 +82,83 @@ pub fn user(value: &str) -> Result<(), InvalidName> {
     })
 }
 
+/// A rejected forward target, rendered as one line naming `--forward` and the fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--forward {value:?} is invalid: {why}; use IP:PORT or [IPv6]:PORT of the internal app, e.g. 10.0.0.5:80 or [fd00::5]:80")]
+pub struct InvalidForward {
+    pub value: String,
+    pub why: &'static str,
+}
+
+/// Parses and checks a forward target: an IPv4 or IPv6 literal (no host names: the
+/// gateway must not resolve names on the knock path) with a port 1-65535, unicast and
+/// not loopback (a DNAT to loopback is dropped by the kernel), IPv4 written as IPv4.
+pub fn forward(value: &str) -> Result<std::net::SocketAddr, InvalidForward> {
+    let bad = |why| InvalidForward {
+        value: value.to_owned(),
+        why,
+    };
+    let addr: std::net::SocketAddr = value
+        .parse()
+        .map_err(|_| bad("not an IP literal with a port"))?;
+    let ip = addr.ip();
+    if addr.port() == 0 {
+        return Err(bad("port 0"));
+    }
+    if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() {
+        return Err(bad("not a unicast, non-loopback address"));
+    }
+    if let std::net::IpAddr::V4(v4) = ip {
+        if v4.is_broadcast() {
+            return Err(bad("not a unicast, non-loopback address"));
+        }
+    }
+    if let std::net::IpAddr::V6(v6) = ip {
+        if v6.to_ipv4_mapped().is_some() {
+            return Err(bad("an IPv4-mapped IPv6 address"));
+        }
+    }
+    if let std::net::SocketAddr::V6(v6) = addr {
+        if v6.scope_id() != 0 || v6.flowinfo() != 0 {
+            return Err(bad("a scoped IPv6 address"));
+        }
+    }
+    Ok(addr)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forward_targets() {
+        assert_eq!(forward("10.0.0.5:80").unwrap().to_string(), "10.0.0.5:80");
+        assert_eq!(
+            forward("[fd00::5]:8080").unwrap().to_string(),
+            "[fd00::5]:8080"
+        );
+        for bad in [
+            "",
+            "10.0.0.5",
+            "10.0.0.5:0",
+            "10.0.0.5:65536",
+            "db.internal:80",
+            "0.0.0.0:80",
+            "127.0.0.1:80",
+            "[::1]:80",
+            "224.0.0.1:80",
+            "255.255.255.255:80",
+            "[::ffff:10.0.0.5]:80",
+            "[fe80::1%2]:80",
+            "10.0.0.5:80 ",
+        ] {
+            let e = forward(bad).unwrap_err();
+            let text = e.to_string();
+            assert!(text.starts_with("--forward "), "{text}");
+            assert!(!text.contains('\n'), "{text}");
+        }
+    }
 
     #[test]
     fn app_names() {

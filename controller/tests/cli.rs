@@ -93,7 +93,7 @@ fn app_and_grant_add_list_json() {
     let table = ok(&db, &["app", "list"]);
     assert_eq!(
         table,
-        "NAME  PROTOCOL  PORT\ndns   udp       53\nweb   tcp       443\n"
+        "NAME  PROTOCOL  PORT  FORWARD\ndns   udp       53    -\nweb   tcp       443   -\n"
     );
 
     ok(&db, &["grant", "add", "--app", "web", "--user", "alice"]);
@@ -308,4 +308,91 @@ fn every_command_help_has_an_example() {
         assert!(out.contains("postern-controller "), "{args:?}");
         assert!(!out.contains("hold-ms"), "hidden flag leaked into help");
     }
+}
+
+#[test]
+fn app_add_forward_is_validated_listed_and_in_json() {
+    let (_dir, db) = tempdir();
+    let out = ok(
+        &db,
+        &[
+            "app",
+            "add",
+            "wiki",
+            "--protocol",
+            "tcp",
+            "--port",
+            "8443",
+            "--forward",
+            "10.0.0.5:80",
+        ],
+    );
+    assert_eq!(
+        out,
+        "added app \"wiki\" (tcp/8443 forwarded to 10.0.0.5:80)\n"
+    );
+    ok(
+        &db,
+        &[
+            "app",
+            "add",
+            "db6",
+            "--protocol",
+            "tcp",
+            "--port",
+            "5432",
+            "--forward",
+            "[fd00::7]:5432",
+        ],
+    );
+    ok(
+        &db,
+        &["app", "add", "web", "--protocol", "tcp", "--port", "443"],
+    );
+    let table = ok(&db, &["app", "list"]);
+    assert!(
+        table.lines().next().unwrap().ends_with("FORWARD"),
+        "{table}"
+    );
+    assert!(
+        table.contains("[fd00::7]:5432") && table.contains("10.0.0.5:80"),
+        "{table}"
+    );
+    let json = ok(&db, &["app", "list", "--json"]);
+    let apps: Vec<AppRecord> = serde_json::from_str(&json).unwrap();
+    assert_eq!(apps[1].name, "web");
+    assert_eq!(apps[1].forward, None);
+    assert_eq!(apps[2].forward, Some("10.0.0.5:80".parse().unwrap()));
+    assert_eq!(apps[0].forward, Some("[fd00::7]:5432".parse().unwrap()));
+    // No `forward` key at all for an app without one (older readers are unaffected).
+    let raw: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(raw[1].get("forward").is_none(), "{json}");
+    assert_eq!(raw[2]["forward"], "10.0.0.5:80");
+
+    for bad in [
+        "db.internal:80",
+        "10.0.0.5",
+        "10.0.0.5:0",
+        "127.0.0.1:80",
+        "[::1]:22",
+    ] {
+        fails(
+            &db,
+            &[
+                "app",
+                "add",
+                "bad",
+                "--protocol",
+                "tcp",
+                "--port",
+                "9000",
+                "--forward",
+                bad,
+            ],
+            2,
+            &format!("error: --forward {bad:?} is invalid"),
+        );
+    }
+    let apps: Vec<AppRecord> = serde_json::from_str(&ok(&db, &["app", "list", "--json"])).unwrap();
+    assert_eq!(apps.len(), 3, "rejected input changed nothing");
 }

@@ -235,7 +235,8 @@ fn snapshot_matches_rows_and_revision() {
         vec![AppRecord {
             name: "ssh".into(),
             protocol: AppProtocol::Tcp,
-            port: 22
+            port: 22,
+            forward: None,
         }]
     );
     assert_eq!(s.grants.len(), 1);
@@ -305,4 +306,52 @@ fn garbage_file_is_refused_naming_the_path() {
         Registry::open(&db),
         Err(RegistryError::NotADatabase { .. })
     ));
+}
+
+/// A registry written by the first schema (no forward column) keeps its apps when
+/// migrated, and then takes forward targets.
+#[test]
+fn version_1_registry_is_migrated_to_forward_mode() {
+    let (_dir, db) = tempdir();
+    {
+        // Schema version 1 as it shipped (the tables the migration touches).
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute_batch(
+            "CREATE TABLE meta (id INTEGER PRIMARY KEY CHECK (id = 1), revision INTEGER NOT NULL CHECK (revision >= 0));
+             INSERT INTO meta (id, revision) VALUES (1, 5);
+             CREATE TABLE devices (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, user TEXT NOT NULL,
+                 public_key TEXT NOT NULL UNIQUE, revoked INTEGER NOT NULL DEFAULT 0,
+                 created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')));
+             CREATE TABLE apps (name TEXT PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 64),
+                 protocol TEXT NOT NULL CHECK (protocol IN ('tcp', 'udp')),
+                 port INTEGER NOT NULL CHECK (port BETWEEN 1 AND 65535), UNIQUE (protocol, port));
+             CREATE TABLE grants (app TEXT NOT NULL REFERENCES apps (name) ON DELETE CASCADE,
+                 user TEXT NOT NULL, PRIMARY KEY (app, user));
+             INSERT INTO apps (name, protocol, port) VALUES ('ssh', 'tcp', 22);
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+    }
+    let mut reg = Registry::open(&db).unwrap();
+    assert_eq!(user_version(&db), LATEST_VERSION);
+    let apps = reg.list_apps().unwrap();
+    assert_eq!(apps.len(), 1);
+    assert_eq!((apps[0].name.as_str(), apps[0].forward), ("ssh", None));
+    let target: std::net::SocketAddr = "10.0.0.5:80".parse().unwrap();
+    let rec = reg
+        .add_app_forward("wiki", AppProtocol::Tcp, 8443, Some(target))
+        .unwrap();
+    assert_eq!(rec.forward, Some(target));
+    let snap = reg.snapshot().unwrap();
+    assert_eq!(snap.app("wiki").and_then(|a| a.forward), Some(target));
+    let e = reg
+        .add_app_forward(
+            "lo",
+            AppProtocol::Tcp,
+            8444,
+            Some("127.0.0.1:80".parse().unwrap()),
+        )
+        .unwrap_err();
+    assert!(matches!(e, RegistryError::InvalidForward(_)), "{e}");
+    assert!(e.is_validation());
 }

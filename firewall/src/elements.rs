@@ -1,16 +1,17 @@
 //! Byte encodings of set and map elements.
 //!
-//! Owns: how a session id and a pinhole (`addr . proto . port : mark`) are
-//! laid out as nftables keys and data, and the reverse decoding. Fields of a
+//! Owns: how a session id, a pinhole (`addr . proto . port : mark`) and a
+//! forward (`addr . proto . port : target . tport`) are laid out as nftables
+//! keys and data, and the reverse decoding. Fields of a
 //! concatenation are each padded to 4 bytes; the mark is a u32 in host byte
 //! order, the port in network byte order (as `nft --debug=netlink` shows:
 //! `0200000a 00000011 0000bb01 : 00000008` for 10.0.0.2 . udp . 443 : 8).
 //! Must not touch: sockets, the ruleset.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::{
-    ruleset::{PINHOLES4, PINHOLES6},
+    ruleset::{FORWARDS4, FORWARDS6, PINHOLES4, PINHOLES6},
     AppProto,
 };
 
@@ -41,6 +42,45 @@ pub(crate) fn pinhole_key(addr: IpAddr, proto: AppProto, port: u16) -> (&'static
     let p = port.to_be_bytes();
     key.extend_from_slice(&[p[0], p[1], 0, 0]);
     (set, key)
+}
+
+/// The forward map of a pinhole (same key layout as the pinhole map).
+pub(crate) fn forward_map(addr: IpAddr) -> &'static str {
+    match addr {
+        IpAddr::V4(_) => FORWARDS4,
+        IpAddr::V6(_) => FORWARDS6,
+    }
+}
+
+/// Datum of a forward element (`ipv4_addr . inet_service` or
+/// `ipv6_addr . inet_service`): the address, then the port in network byte
+/// order padded to 4 bytes (`nft --debug=netlink`: `0500010a 00005000` for
+/// 10.1.0.5 . 80).
+pub(crate) fn forward_data(target: SocketAddr) -> Vec<u8> {
+    let mut data = Vec::with_capacity(20);
+    match target.ip() {
+        IpAddr::V4(a) => data.extend_from_slice(&a.octets()),
+        IpAddr::V6(a) => data.extend_from_slice(&a.octets()),
+    }
+    let p = target.port().to_be_bytes();
+    data.extend_from_slice(&[p[0], p[1], 0, 0]);
+    data
+}
+
+/// Decodes a forward datum (8 bytes for IPv4, 20 for IPv6).
+pub(crate) fn decode_forward(data: &[u8]) -> Option<SocketAddr> {
+    let (ip, rest): (IpAddr, &[u8]) = match data.len() {
+        8 => {
+            let o: [u8; 4] = data[..4].try_into().ok()?;
+            (IpAddr::V4(Ipv4Addr::from(o)), &data[4..])
+        }
+        20 => {
+            let o: [u8; 16] = data[..16].try_into().ok()?;
+            (IpAddr::V6(Ipv6Addr::from(o)), &data[16..])
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, u16::from_be_bytes([rest[0], rest[1]])))
 }
 
 /// Decodes a pinhole key (12 bytes for IPv4, 24 for IPv6).
@@ -83,6 +123,20 @@ mod tests {
         assert_eq!(set, PINHOLES6);
         assert_eq!(key.len(), 24);
         assert_eq!(decode_pinhole(&key), Some((a, AppProto::Tcp, 8080)));
+    }
+
+    #[test]
+    fn forward_data_matches_nft_debug_output() {
+        let t: SocketAddr = "10.1.0.5:80".parse().expect("addr");
+        assert_eq!(forward_data(t), [10, 1, 0, 5, 0, 80, 0, 0]);
+        assert_eq!(decode_forward(&forward_data(t)), Some(t));
+        let t6: SocketAddr = "[fd01::5]:80".parse().expect("addr");
+        let d = forward_data(t6);
+        assert_eq!(d.len(), 20);
+        assert_eq!(&d[16..], [0, 80, 0, 0]);
+        assert_eq!(decode_forward(&d), Some(t6));
+        assert_eq!(decode_forward(&[1, 2, 3]), None);
+        assert_eq!(forward_map("fd00::1".parse().expect("addr")), FORWARDS6);
     }
 
     #[test]

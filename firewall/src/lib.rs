@@ -43,7 +43,7 @@ pub mod ruleset;
 use std::{
     collections::HashMap,
     fmt,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     str::FromStr,
     time::{Duration, Instant},
 };
@@ -53,7 +53,7 @@ use serde::{Deserialize, Serialize};
 pub use crate::error::{errno_name, FirewallError};
 use crate::{
     netlink::{ElemOp, NfSocket},
-    ruleset::{PINHOLES4, PINHOLES6, SESSIONS},
+    ruleset::{FORWARDS4, FORWARDS6, PINHOLES4, PINHOLES6, SESSIONS},
 };
 
 /// Transport protocol of an app / pinhole.
@@ -130,6 +130,10 @@ pub struct FirewallConfig {
     pub table: String,
     /// Ports left reachable without a knock (e.g. ssh for admins).
     pub open_ports: Vec<(AppProto, u16)>,
+    /// Forward mode: masquerade forwarded session flows behind this host's
+    /// address on the internal side, so internal apps need no route back to
+    /// clients (default true).
+    pub forward_snat: bool,
 }
 
 impl Default for FirewallConfig {
@@ -137,6 +141,7 @@ impl Default for FirewallConfig {
         FirewallConfig {
             table: "postern".to_owned(),
             open_ports: Vec::new(),
+            forward_snat: true,
         }
     }
 }
@@ -153,6 +158,11 @@ pub struct Pinhole {
     pub port: u16,
     /// Session the admitted flows belong to.
     pub session: SessionId,
+    /// Forward mode: the admitted connections are DNATed to this internal
+    /// address and port instead of reaching `port` on this host. Its address
+    /// family must be the client's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward: Option<SocketAddr>,
 }
 
 /// A pinhole as the kernel holds it right now.
@@ -166,6 +176,8 @@ pub struct LivePinhole {
     pub port: u16,
     /// Session (conntrack mark) the pinhole stamps.
     pub session: SessionId,
+    /// Forward target, when the pinhole forwards (read from the forward map).
+    pub forward: Option<SocketAddr>,
     /// Time left before the kernel removes it.
     pub expires_in: Duration,
 }
@@ -179,8 +191,8 @@ pub struct Firewall {
     sock: NfSocket,
     /// Sessions we added, with the expiry we asked for.
     sessions: HashMap<SessionId, Instant>,
-    /// Pinholes we added: owner session and expiry.
-    pinholes: HashMap<PinKey, (SessionId, Instant)>,
+    /// Pinholes we added: owner session, expiry and forward target.
+    pinholes: HashMap<PinKey, (SessionId, Instant, Option<SocketAddr>)>,
     opens: u64,
 }
 
@@ -203,6 +215,24 @@ fn ttl_ms(ttl: Duration, what: &str) -> Result<u64, FirewallError> {
         )));
     }
     Ok(ms)
+}
+
+/// A forward target must be a usable unicast address of the client's family
+/// (nftables cannot DNAT across families) with a nonzero port.
+fn check_forward(client: IpAddr, target: SocketAddr) -> Result<(), FirewallError> {
+    let ip = target.ip();
+    if client.is_ipv4() != ip.is_ipv4() {
+        return Err(FirewallError::Invalid(format!(
+            "forward target {target} is not of the client's address family ({client}): \
+             give the app a forward target of each family its clients knock from"
+        )));
+    }
+    if target.port() == 0 || ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() {
+        return Err(FirewallError::Invalid(format!(
+            "forward target {target}: use a unicast, non-loopback address and a port 1-65535"
+        )));
+    }
+    Ok(())
 }
 
 impl Firewall {
@@ -252,14 +282,18 @@ impl Firewall {
                 "session id 0: conntrack mark 0 means \"no session\"".into(),
             ));
         }
+        if let Some(target) = p.forward {
+            check_forward(p.addr, target)?;
+        }
         let pin_ms = ttl_ms(pinhole_ttl, "pinhole")?;
         let ses_ms = ttl_ms(session_ttl, "session")?;
         let now = Instant::now();
         let pk: PinKey = (p.addr, p.proto, p.port);
         let (map, key) = elements::pinhole_key(p.addr, p.proto, p.port);
         let mark = elements::session_key(p.session.0);
+        let fwd_map = elements::forward_map(p.addr);
 
-        let mut ops: Vec<(&str, ElemOp)> = Vec::with_capacity(3);
+        let mut ops: Vec<(&str, ElemOp)> = Vec::with_capacity(5);
         ops.push((
             SESSIONS,
             ElemOp::Add {
@@ -268,40 +302,84 @@ impl Firewall {
                 timeout_ms: ses_ms,
             },
         ));
-        // Same key, other mark: the kernel would answer EEXIST; replace it.
-        if matches!(self.pinholes.get(&pk), Some((s, _)) if *s != p.session) {
+        // Same key, other mark (or other forward target): the kernel would
+        // answer EEXIST; replace it.
+        let known = self.pinholes.get(&pk).copied();
+        if matches!(known, Some((s, _, _)) if s != p.session) {
             ops.push((map, ElemOp::Destroy { key: key.clone() }));
+        }
+        if matches!(known, Some((_, _, Some(old))) if p.forward != Some(old)) {
+            ops.push((fwd_map, ElemOp::Destroy { key: key.clone() }));
+        }
+        // The forward element goes in before the pinhole: a connection the
+        // pinhole admits is always DNATed, never delivered to this host.
+        if let Some(target) = p.forward {
+            ops.push((
+                fwd_map,
+                ElemOp::Add {
+                    key: key.clone(),
+                    data: Some(elements::forward_data(target)),
+                    timeout_ms: pin_ms,
+                },
+            ));
         }
         ops.push((
             map,
             ElemOp::Add {
-                key,
-                data: Some(mark),
+                key: key.clone(),
+                data: Some(mark.clone()),
                 timeout_ms: pin_ms,
             },
         ));
         match self.sock.batch(&self.table, &ops) {
             Ok(()) => {}
-            // A pinhole of another owner we did not know about (previous run,
-            // other process): destroy and add again, once.
+            // A pinhole or forward of another owner we did not know about
+            // (previous run, other process): destroy and add again, once.
             Err(FirewallError::Kernel { errno, .. }) if errno == libc::EEXIST => {
-                let add = ops.pop();
-                if let Some(add) = add {
-                    let (map, key) = elements::pinhole_key(p.addr, p.proto, p.port);
-                    let retry = vec![ops.swap_remove(0), (map, ElemOp::Destroy { key }), add];
-                    self.sock.batch(&self.table, &retry)?;
+                let mut retry = vec![
+                    (
+                        SESSIONS,
+                        ElemOp::Add {
+                            key: mark.clone(),
+                            data: None,
+                            timeout_ms: ses_ms,
+                        },
+                    ),
+                    (map, ElemOp::Destroy { key: key.clone() }),
+                    (fwd_map, ElemOp::Destroy { key: key.clone() }),
+                ];
+                if let Some(target) = p.forward {
+                    retry.push((
+                        fwd_map,
+                        ElemOp::Add {
+                            key: key.clone(),
+                            data: Some(elements::forward_data(target)),
+                            timeout_ms: pin_ms,
+                        },
+                    ));
                 }
+                retry.push((
+                    map,
+                    ElemOp::Add {
+                        key,
+                        data: Some(mark),
+                        timeout_ms: pin_ms,
+                    },
+                ));
+                self.sock.batch(&self.table, &retry)?;
             }
             Err(e) => return Err(e),
         }
         self.sessions
             .insert(p.session, now + Duration::from_millis(ses_ms));
-        self.pinholes
-            .insert(pk, (p.session, now + Duration::from_millis(pin_ms)));
+        self.pinholes.insert(
+            pk,
+            (p.session, now + Duration::from_millis(pin_ms), p.forward),
+        );
         self.opens += 1;
         if self.opens.is_multiple_of(PRUNE_EVERY) {
             self.sessions.retain(|_, exp| *exp > now);
-            self.pinholes.retain(|_, (_, exp)| *exp > now);
+            self.pinholes.retain(|_, (_, exp, _)| *exp > now);
         }
         Ok(())
     }
@@ -320,11 +398,14 @@ impl Firewall {
         let mine: Vec<PinKey> = self
             .pinholes
             .iter()
-            .filter(|(_, (s, _))| *s == session)
+            .filter(|(_, (s, _, _))| *s == session)
             .map(|(k, _)| *k)
             .collect();
         for (addr, proto, port) in &mine {
             let (map, key) = elements::pinhole_key(*addr, *proto, *port);
+            // Forward or not, the forward element goes too (a missing one is fine).
+            let fwd = elements::forward_map(*addr);
+            ops.push((fwd, ElemOp::Destroy { key: key.clone() }));
             ops.push((map, ElemOp::Destroy { key }));
         }
         self.sock.batch(&self.table, &ops)?;
@@ -336,10 +417,16 @@ impl Firewall {
     }
 
     /// Reads back every live pinhole from the kernel (netlink dump; millisecond
-    /// precision).
+    /// precision), with its forward target if it has one.
     pub fn list(&mut self) -> Result<Vec<LivePinhole>, FirewallError> {
         let mut out = Vec::new();
-        for map in [PINHOLES4, PINHOLES6] {
+        for (map, fwd_map) in [(PINHOLES4, FORWARDS4), (PINHOLES6, FORWARDS6)] {
+            let mut forwards = HashMap::new();
+            for e in self.sock.dump_set(&self.table, fwd_map)? {
+                if let Some(target) = e.data.as_deref().and_then(elements::decode_forward) {
+                    forwards.insert(e.key, target);
+                }
+            }
             for e in self.sock.dump_set(&self.table, map)? {
                 let decoded = elements::decode_pinhole(&e.key);
                 let mark = e.data.as_deref().and_then(elements::decode_mark);
@@ -354,6 +441,7 @@ impl Firewall {
                     proto,
                     port,
                     session: SessionId(mark),
+                    forward: forwards.get(&e.key).copied(),
                     expires_in: Duration::from_millis(
                         e.expiration_ms.or(e.timeout_ms).unwrap_or(0),
                     ),
@@ -387,13 +475,15 @@ impl Firewall {
                 marks.push(m);
             }
         }
-        marks.extend(self.pinholes.values().map(|(s, _)| s.0));
+        marks.extend(self.pinholes.values().map(|(s, _, _)| s.0));
         marks.sort_unstable();
         marks.dedup();
         let ops = [
             (SESSIONS, ElemOp::Flush),
             (PINHOLES4, ElemOp::Flush),
             (PINHOLES6, ElemOp::Flush),
+            (FORWARDS4, ElemOp::Flush),
+            (FORWARDS6, ElemOp::Flush),
         ];
         self.sock.batch(&self.table, &ops)?;
         self.sessions.clear();
@@ -426,6 +516,7 @@ mod tests {
         let cfg = FirewallConfig {
             table: "pst_x".into(),
             open_ports: vec![(AppProto::Tcp, 22), (AppProto::Udp, 500)],
+            forward_snat: true,
         };
         let text = ruleset::render(&cfg).expect("render");
         for line in text.lines().filter(|l| l.contains("table ")) {
@@ -442,6 +533,7 @@ mod tests {
             let cfg = FirewallConfig {
                 table: bad.into(),
                 open_ports: vec![],
+                forward_snat: false,
             };
             assert!(
                 matches!(ruleset::render(&cfg), Err(FirewallError::Invalid(_))),

@@ -1,8 +1,24 @@
 //! The dark ruleset of `table inet <table>` and the `nft` subprocess.
 //!
-//! Owns: the text of postern's table (sets `sessions`, maps `pinholes4` and
-//! `pinholes6`, chains `input` and `output`), its atomic (re)creation with
-//! `nft -f -`, and its removal.
+//! Owns: the text of postern's table (sets `sessions`, maps `pinholes4`,
+//! `pinholes6`, `forwards4` and `forwards6`, chains `input`, `output`,
+//! `fwd_mark`, `fwd_dnat`, `forward` and, with `forward_snat`, `fwd_snat`), its
+//! atomic (re)creation with `nft -f -`, and its removal.
+//!
+//! Forward mode (connector): a knock for an app with a forward target adds,
+//! next to its pinhole, an element `client . proto . port : target . tport` to
+//! `forwards4`/`forwards6` with the pinhole's timeout. A new connection from
+//! the client to that port on this host is stamped with the pinhole's session
+//! mark (`fwd_mark`, before NAT), DNATed to the target (`fwd_dnat`), and
+//! crosses `forward` (policy drop) only while it carries a live session mark
+//! and was DNATed; replies match the same conntrack entry. With SNAT it is
+//! masqueraded on the way out (`fwd_snat`), so the app needs no route back.
+//! Revoking is the same single session-element delete as for local apps. TCP
+//! loose pickup: `forward` admits new TCP flows only on a bare SYN; a picked-up
+//! packet of a revoked flow from the app side either reaches `input` (SNAT:
+//! addressed to this host, no pinhole: dropped) or `forward` with mark 0 and no
+//! DNAT (dropped). The chains never change sysctls: IP forwarding is the
+//! gateway's to enable.
 //! Must not touch: any other table (the script only names `inet <table>`),
 //! set elements at runtime (that is the netlink hot path).
 //!
@@ -29,6 +45,10 @@ pub const SESSIONS: &str = "sessions";
 pub const PINHOLES4: &str = "pinholes4";
 /// Name of the IPv6 pinhole map.
 pub const PINHOLES6: &str = "pinholes6";
+/// Name of the IPv4 forward map (forward mode: `client . proto . port : target . port`).
+pub const FORWARDS4: &str = "forwards4";
+/// Name of the IPv6 forward map.
+pub const FORWARDS6: &str = "forwards6";
 
 /// Table names are spliced into an nft script: keep them to a safe alphabet.
 pub(crate) fn check_table_name(table: &str) -> Result<(), FirewallError> {
@@ -68,6 +88,17 @@ pub fn render(cfg: &FirewallConfig) -> Result<String, FirewallError> {
             ));
         }
     }
+    let snat = if cfg.forward_snat {
+        format!(
+            r#"  chain fwd_snat {{
+    type nat hook postrouting priority srcnat - 10; policy accept;
+    ct mark != 0 ct status dnat ct mark @{SESSIONS} masquerade comment "forward mode: the app needs no route back"
+  }}
+"#
+        )
+    } else {
+        String::new()
+    };
     Ok(format!(
         r#"table inet {t} {{}}
 delete table inet {t}
@@ -75,7 +106,25 @@ table inet {t} {{
   set {SESSIONS} {{ type mark; flags timeout; }}
   map {PINHOLES4} {{ type ipv4_addr . inet_proto . inet_service : mark; flags timeout; }}
   map {PINHOLES6} {{ type ipv6_addr . inet_proto . inet_service : mark; flags timeout; }}
-  chain input {{
+  map {FORWARDS4} {{ type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service; flags timeout; }}
+  map {FORWARDS6} {{ type ipv6_addr . inet_proto . inet_service : ipv6_addr . inet_service; flags timeout; }}
+  chain fwd_mark {{
+    type filter hook prerouting priority dstnat - 20; policy accept;
+    ct state new fib daddr type local ip saddr . meta l4proto . th dport @{FORWARDS4} ct mark set ip saddr . meta l4proto . th dport map @{PINHOLES4}
+    ct state new fib daddr type local ip6 saddr . meta l4proto . th dport @{FORWARDS6} ct mark set ip6 saddr . meta l4proto . th dport map @{PINHOLES6}
+  }}
+  chain fwd_dnat {{
+    type nat hook prerouting priority dstnat - 10; policy accept;
+    ct mark != 0 fib daddr type local dnat ip to ip saddr . meta l4proto . th dport map @{FORWARDS4}
+    ct mark != 0 fib daddr type local dnat ip6 to ip6 saddr . meta l4proto . th dport map @{FORWARDS6}
+  }}
+  chain forward {{
+    type filter hook forward priority filter - 10; policy drop;
+    ct state new tcp flags & (syn | ack) != syn drop comment "no TCP loose pickup of forwarded flows"
+    ct mark != 0 ct status dnat ct mark @{SESSIONS} accept comment "forward mode: live sessions only"
+    counter drop comment "nothing else is forwarded"
+  }}
+{snat}  chain input {{
     type filter hook input priority filter - 10; policy drop;
     iif "lo" accept
     ct mark != 0 ct mark @{SESSIONS} accept
@@ -93,6 +142,8 @@ table inet {t} {{
     oif "lo" accept
     ct mark != 0 ct mark != @{SESSIONS} drop comment "session gone"
     ct state new tcp flags & (syn | ack) != syn drop comment "no TCP loose pickup from our side"
+    icmp type destination-unreachable icmp code port-unreachable drop comment "dark: a closed UDP port never answers"
+    icmpv6 type destination-unreachable icmpv6 code port-unreachable drop comment "dark: a closed UDP port never answers"
   }}
 }}
 "#

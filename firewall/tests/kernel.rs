@@ -33,6 +33,7 @@ fn pin(addr: &str, proto: AppProto, port: u16, session: u32) -> Pinhole {
         proto,
         port,
         session: SessionId(session),
+        forward: None,
     }
 }
 
@@ -101,6 +102,7 @@ fn open_ports_are_in_the_ruleset() {
             (AppProto::Udp, 53),
             (AppProto::Tcp, 2222),
         ],
+        ..FirewallConfig::default()
     };
     let _fw = install(&ns, c);
     let text = ns.nft(&["list", "table", "inet", "pst_open"]);
@@ -306,6 +308,7 @@ fn errors_are_clean_for_a_missing_table_and_bad_input() {
     let bad = FirewallConfig {
         table: "x; flush ruleset".into(),
         open_ports: vec![],
+        ..FirewallConfig::default()
     };
     let err = ns
         .run(move || Firewall::install(&bad))

@@ -38,6 +38,12 @@ impl AuditLog {
 
     /// Records one knock decision.
     pub fn knock(&self, ts_ms: u64, src: IpAddr, decision: &Decision) {
+        self.knock_with(ts_ms, src, decision, Value::Null);
+    }
+
+    /// Records one knock decision with extra fields (an object), e.g. `suppressed`: how
+    /// many drop lines the rate limit left out before this one.
+    pub fn knock_with(&self, ts_ms: u64, src: IpAddr, decision: &Decision, extra: Value) {
         let mut line = json!({
             "ts_ms": ts_ms,
             "event": "knock",
@@ -61,6 +67,9 @@ impl AuditLog {
             map.insert("session".into(), json!(pinhole.session.0));
             map.insert("renewed".into(), json!(renewed));
             map.insert("port".into(), json!(pinhole.port));
+        }
+        if let (Value::Object(map), Value::Object(extra)) = (&mut line, extra) {
+            map.extend(extra);
         }
         self.write(&line);
     }

@@ -57,6 +57,30 @@ struct RawConfig {
     table: String,
     #[serde(default)]
     open_ports: Vec<String>,
+    #[serde(default = "default_state_dir")]
+    state_dir: PathBuf,
+    #[serde(default = "default_per_source_rate")]
+    per_source_rate: u64,
+    #[serde(default = "default_per_source_burst")]
+    per_source_burst: u64,
+    #[serde(default = "default_source_table_size")]
+    source_table_size: u64,
+    #[serde(default = "default_crypto_queue")]
+    crypto_queue: u64,
+    #[serde(default = "default_crypto_budget")]
+    crypto_budget: u64,
+    #[serde(default = "default_crypto_workers")]
+    crypto_workers: u64,
+    #[serde(default = "default_drop_lines_per_sec")]
+    drop_lines_per_sec: u64,
+    #[serde(default = "default_true")]
+    require_claimed_addr: bool,
+    #[serde(default = "default_true")]
+    forward_snat: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_capture() -> CaptureMode {
@@ -82,6 +106,30 @@ fn default_pinhole_secs() -> u64 {
 }
 fn default_session_secs() -> u64 {
     3600
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/postern-gateway")
+}
+fn default_per_source_rate() -> u64 {
+    20
+}
+fn default_per_source_burst() -> u64 {
+    40
+}
+fn default_source_table_size() -> u64 {
+    65_536
+}
+fn default_crypto_queue() -> u64 {
+    1024
+}
+fn default_crypto_budget() -> u64 {
+    4000
+}
+fn default_crypto_workers() -> u64 {
+    2
+}
+fn default_drop_lines_per_sec() -> u64 {
+    20
 }
 fn default_table() -> String {
     "postern".to_owned()
@@ -109,6 +157,14 @@ pub struct Config {
     pub session_secs: u64,
     pub table: String,
     pub open_ports: Vec<(AppProto, u16)>,
+    /// Where the replay journal lives (mode 0700).
+    pub state_dir: PathBuf,
+    /// Admission limits before any crypto (see `intake.rs`).
+    pub intake: crate::intake::IntakeLimits,
+    /// Refuse knocks without a signed claimed address (binds a knock to its sender).
+    pub require_claimed_addr: bool,
+    /// Forward mode: masquerade forwarded flows so internal apps need no route back.
+    pub forward_snat: bool,
 }
 
 /// A configuration error: one line naming the file, the field and the fix.
@@ -221,6 +277,47 @@ impl Config {
                 )
             })?);
         }
+        if !raw.state_dir.is_absolute() {
+            return Err(field(
+                "state_dir",
+                format!(
+                    "{:?} is not an absolute path: use e.g. \"/var/lib/postern-gateway\"",
+                    raw.state_dir.display().to_string()
+                ),
+            ));
+        }
+        let ranged = |name: &'static str, v: u64, lo: u64, hi: u64, default: u64| {
+            if (lo..=hi).contains(&v) {
+                Ok(v)
+            } else {
+                Err(field(
+                    name,
+                    format!("{v} is out of range: use {lo}..={hi} (default {default})"),
+                ))
+            }
+        };
+        let intake = crate::intake::IntakeLimits {
+            per_source_rate: ranged("per_source_rate", raw.per_source_rate, 1, 100_000, 20)? as u32,
+            per_source_burst: ranged("per_source_burst", raw.per_source_burst, 1, 100_000, 40)?
+                as u32,
+            source_table_size: ranged(
+                "source_table_size",
+                raw.source_table_size,
+                16,
+                16_777_216,
+                65_536,
+            )? as usize,
+            crypto_queue: ranged("crypto_queue", raw.crypto_queue, 1, 1_000_000, 1024)? as usize,
+            crypto_budget: ranged("crypto_budget", raw.crypto_budget, 1, 1_000_000, 4000)? as u32,
+            crypto_workers: ranged("crypto_workers", raw.crypto_workers, 1, 64, 2)? as usize,
+            drop_lines_per_sec: ranged(
+                "drop_lines_per_sec",
+                raw.drop_lines_per_sec,
+                0,
+                1_000_000,
+                20,
+            )? as u32,
+        };
         check_key_file_mode(&raw.key_file).map_err(|m| field("key_file", m))?;
         Ok(Config {
             key_file: raw.key_file,
@@ -235,6 +332,10 @@ impl Config {
             session_secs: raw.session_secs,
             table: raw.table,
             open_ports,
+            state_dir: raw.state_dir,
+            intake,
+            require_claimed_addr: raw.require_claimed_addr,
+            forward_snat: raw.forward_snat,
         })
     }
 }
@@ -320,6 +421,8 @@ mod tests {
         assert_eq!(c.pinhole_secs, 30);
         assert!(c.open_ports.is_empty());
         assert_eq!(c.audit, AuditTarget::Stdout);
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/postern-gateway"));
+        assert_eq!((c.intake.per_source_rate, c.intake.crypto_workers), (20, 2));
     }
 
     #[test]
@@ -337,6 +440,14 @@ mod tests {
             ("colour = \"blue\"", "colour"),
             ("audit_log = \"\"", "audit_log"),
             ("spa_port = \"x\"", "spa_port"),
+            ("state_dir = \"relative/dir\"", "state_dir"),
+            ("per_source_rate = 0", "per_source_rate"),
+            ("per_source_burst = 0", "per_source_burst"),
+            ("source_table_size = 1", "source_table_size"),
+            ("crypto_queue = 0", "crypto_queue"),
+            ("crypto_budget = 0", "crypto_budget"),
+            ("crypto_workers = 0", "crypto_workers"),
+            ("drop_lines_per_sec = -1", "drop_lines_per_sec"),
         ];
         for (extra, field) in cases {
             let err = parse(extra).expect_err(extra).to_string();

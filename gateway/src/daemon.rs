@@ -8,22 +8,28 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use arc_swap::ArcSwapOption;
 use postern_firewall::{AppProto, Firewall, FirewallConfig};
 use serde_json::json;
 
+use crate::admission::Counters;
 use crate::audit::AuditLog;
-use crate::capture::{Capture, BUFFER_LEN};
+use crate::capture::Capture;
+use crate::clock::Clock;
 use crate::config::{CaptureMode, Config};
+use crate::intake::Intake;
 use crate::keyfile;
-use crate::pipeline::{Decision, KnockPipeline, PipelineLimits};
+use crate::pipeline::{replay_window_ms, Decision, KnockPipeline, PipelineLimits};
+use crate::replay_state::ReplayState;
 use crate::unix_ms;
 
 /// How often the receive loop wakes up to check for a stop request.
-const POLL: Duration = Duration::from_millis(200);
+const POLL: Duration = Duration::from_millis(50);
+/// How often the drop and decision counters are written as a `stats` audit event.
+const STATS_EVERY: Duration = Duration::from_secs(10);
 
 /// Runs the gateway until SIGINT or SIGTERM.
 pub fn run(cfg: &Config) -> Result<()> {
@@ -46,20 +52,64 @@ pub fn run(cfg: &Config) -> Result<()> {
     let mut firewall = Firewall::install(&FirewallConfig {
         table: cfg.table.clone(),
         open_ports,
+        forward_snat: cfg.forward_snat,
     })
     .context("install the nftables ruleset")?;
-    let result = serve(cfg, &mut firewall, secret, &audit, &stop);
+    let counters = Arc::new(Counters::default());
+    let result = serve(cfg, &mut firewall, secret, &audit, &stop, &counters);
     // Whatever happened, close every door we opened; the dark ruleset stays.
-    let flushed = firewall
+    let mut flushed = firewall
         .flush()
         .context("remove pinholes and sessions at stop");
+    if flushed.is_ok() && cfg.capture == CaptureMode::Udp {
+        // The SPA port was open for our socket; with no socket behind it the host would
+        // answer probes with ICMP port-unreachable. Back to the fully dark ruleset.
+        flushed = Firewall::install(&FirewallConfig {
+            table: cfg.table.clone(),
+            open_ports: cfg.open_ports.clone(),
+            forward_snat: cfg.forward_snat,
+        })
+        .map(drop)
+        .context("close the SPA port at stop");
+    }
     audit.event(
         unix_ms(),
         "stop",
-        json!({ "clean": result.is_ok() && flushed.is_ok() }),
+        json!({ "clean": result.is_ok() && flushed.is_ok(), "counters": counters.snapshot() }),
     );
     tracing::info!(gateway_key = %public.to_text(), "gateway stopped");
     result.and(flushed)
+}
+
+/// When a new registry revision has arrived, closes every live session it no longer
+/// allows (device revoked or deleted, grant or app removed): the session element goes, so
+/// the flow stops passing packets at once, and its conntrack entries are deleted.
+fn close_revoked_sessions(
+    view: &crate::sync::SharedView,
+    applied_revision: &mut Option<u64>,
+    pipeline: &mut KnockPipeline,
+    firewall: &mut Firewall,
+    audit: &AuditLog,
+) {
+    let current = view.load();
+    let Some(registry) = current.as_deref() else {
+        return;
+    };
+    if *applied_revision == Some(registry.revision) {
+        return;
+    }
+    *applied_revision = Some(registry.revision);
+    for session in pipeline.sessions_revoked_by(registry) {
+        let closed = firewall.close_session(session);
+        if let Err(e) = &closed {
+            tracing::error!(session = session.0, error = %e, "revoked session could not be closed");
+        }
+        audit.event(
+            unix_ms(),
+            "session_closed",
+            json!({ "session": session.0, "reason": "registry_change", "revision": registry.revision, "ok": closed.is_ok() }),
+        );
+    }
 }
 
 fn serve(
@@ -68,9 +118,17 @@ fn serve(
     secret: postern_protocol::keys::GatewaySecret,
     audit: &Arc<AuditLog>,
     stop: &Arc<AtomicBool>,
+    counters: &Arc<Counters>,
 ) -> Result<()> {
     let public = secret.public_key();
-    let mut capture =
+    let clock = Clock::from_env();
+    if clock.is_offset() {
+        tracing::warn!(
+            "{} is set: the gateway clock is offset (a test-only setting)",
+            crate::clock::OFFSET_ENV
+        );
+    }
+    let capture =
         Capture::open(cfg, POLL).with_context(|| format!("open {} capture", cfg.capture))?;
     let view: crate::sync::SharedView = Arc::new(ArcSwapOption::empty());
     let sync = crate::sync::spawn(
@@ -80,14 +138,21 @@ fn serve(
         Arc::clone(stop),
     );
 
-    let mut pipeline = KnockPipeline::new(
-        secret,
-        PipelineLimits {
-            max_skew_ms: cfg.max_skew_ms,
-            session_ttl_ms: cfg.session_secs * 1000,
-            replay_capacity: 1 << 20,
-        },
-    );
+    let limits = PipelineLimits {
+        max_skew_ms: cfg.max_skew_ms,
+        session_ttl_ms: cfg.session_secs * 1000,
+        replay_capacity: 1 << 20,
+        require_claimed_addr: cfg.require_claimed_addr,
+    };
+    let (replay, restored) = ReplayState::open(
+        &cfg.state_dir,
+        limits.replay_capacity,
+        replay_window_ms(&limits),
+        cfg.max_skew_ms,
+        clock.now_ms(),
+    )
+    .context("open the replay state (field `state_dir`)")?;
+    let mut pipeline = KnockPipeline::with_replay(secret, limits, replay);
     let pinhole_ttl = Duration::from_secs(cfg.pinhole_secs);
     let session_ttl = Duration::from_secs(cfg.session_secs);
     let mut new_id = || {
@@ -100,28 +165,66 @@ fn serve(
     audit.event(
         unix_ms(),
         "start",
-        json!({ "capture": cfg.capture.to_string(), "spa_port": cfg.spa_port, "gateway_key": public.to_text() }),
+        json!({
+            "capture": cfg.capture.to_string(),
+            "spa_port": cfg.spa_port,
+            "gateway_key": public.to_text(),
+            "replay_state": restored.kind,
+            "replay_entries": restored.entries,
+            "replay_floor_ms": restored.floor,
+            "clock_offset_test_only": clock.is_offset(),
+        }),
     );
     tracing::info!(capture = %cfg.capture, spa_port = cfg.spa_port, gateway_key = %public.to_text(), "gateway running");
 
-    let mut buf = vec![0u8; BUFFER_LEN];
+    // Capture and crypto run on their own threads (intake.rs); this thread owns the replay
+    // cache, the sessions and the firewall, and decides one authenticated knock at a time.
+    let intake = Intake::start(
+        capture,
+        pipeline.opener().clone(),
+        Arc::clone(&view),
+        clock.clone(),
+        Arc::clone(audit),
+        Arc::clone(counters),
+        Arc::clone(stop),
+        cfg.intake,
+    )
+    .context("start the capture and crypto threads")?;
     let mut result = Ok(());
+    let mut applied_revision = None;
+    // Forward mode: IP forwarding is switched on at the first forwarded knock, off at stop.
+    let mut forwarding = crate::forwarding::Forwarding::new();
+    let mut next_stats = Instant::now() + STATS_EVERY;
     while !stop.load(Ordering::Relaxed) {
-        let (src, datagram) = match capture.recv(&mut buf) {
-            Ok(Some(d)) => d,
-            Ok(None) => continue,
-            Err(e) => {
-                result = Err(e).context("capture failed");
-                break;
-            }
+        close_revoked_sessions(&view, &mut applied_revision, &mut pipeline, firewall, audit);
+        pipeline.replay_mut().tick(clock.now_ms());
+        if Instant::now() >= next_stats {
+            next_stats = Instant::now() + STATS_EVERY;
+            audit.event(clock.now_ms(), "stats", intake.stats());
+        }
+        let Some(outcome) = intake.recv(POLL) else {
+            continue;
         };
-        let now = unix_ms();
+        let src = outcome.src;
+        let now = clock.now_ms();
         let current = view.load();
-        let decision = pipeline.decide(current.as_deref(), src, datagram, now, &mut new_id);
+        let decision = match outcome.result {
+            Ok(auth) => pipeline.conclude(current.as_deref(), src, auth, now, &mut new_id),
+            Err(dropped) => dropped,
+        };
         let span = tracing::info_span!("knock", %src, device = decision.who().map(|w| w.device.as_str()), app = decision.who().map(|w| w.app.as_str()));
         let _entered = span.enter();
         if let Decision::Allow { pinhole, .. } = &decision {
-            if let Err(e) = firewall.open(pinhole, pinhole_ttl, session_ttl) {
+            let forwarding_ok = match pinhole.forward.map(|t| forwarding.ensure(t)) {
+                Some(Err(e)) => Err(e),
+                _ => Ok(()),
+            };
+            let opened = forwarding_ok.and_then(|()| {
+                firewall
+                    .open(pinhole, pinhole_ttl, session_ttl)
+                    .map_err(|e| e.to_string())
+            });
+            if let Err(e) = opened {
                 tracing::error!(error = %e, "pinhole could not be opened");
                 audit.knock(
                     now,
@@ -138,12 +241,23 @@ fn serve(
             reason = decision.reason(),
             "knock decided"
         );
-        audit.knock(now, src, &decision);
+        intake.record(now, src, &decision);
+    }
+    if let Some(e) = intake.take_capture_error() {
+        result = Err(e).context("capture failed");
+    }
+    audit.event(clock.now_ms(), "stats", intake.stats());
+    drop(intake);
+    if let Err(e) = pipeline.replay_mut().close_clean() {
+        tracing::error!(error = %e, "replay journal could not be closed cleanly");
     }
     // The sync thread may be parked in a long-poll for seconds: it sees `stop` when its
     // request returns, and the process exits without waiting for it, so closing the doors
     // (the caller's flush) is never delayed by the controller.
     stop.store(true, Ordering::Relaxed);
     drop(sync);
+    for e in forwarding.restore() {
+        tracing::warn!(error = %e, "forward mode: IP forwarding not restored");
+    }
     result
 }

@@ -16,7 +16,8 @@ pub fn generate(path: &Path, force: bool) -> Result<GatewaySecret> {
     getrandom::getrandom(bytes.as_mut()).context("read the OS random number generator")?;
     let secret = GatewaySecret::from_bytes(*bytes);
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).mode(0o600);
+    // O_NOFOLLOW: a symlink planted at the key path must not redirect the secret.
+    opts.write(true).mode(0o600).custom_flags(libc::O_NOFOLLOW);
     if force {
         opts.create(true).truncate(true);
     } else {

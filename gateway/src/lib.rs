@@ -4,13 +4,18 @@
 //! controller's latest registry snapshot, opens pinholes through the firewall crate and
 //! writes one audit line per decision. The binary (`main.rs`) is a thin CLI over this.
 
+pub mod admission;
 pub mod audit;
 pub mod capture;
+pub mod clock;
 pub mod config;
 pub mod daemon;
+pub mod forwarding;
+pub mod intake;
 pub mod keyfile;
 pub mod pipeline;
 pub mod registry;
+pub mod replay_state;
 pub mod sync;
 
 /// Milliseconds since the Unix epoch (0 if the clock is before 1970).

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+
 use postern_gateway::{config::Config, daemon, keyfile};
 
 /// Postern gateway: keeps every port dark and opens one pinhole per authorized knock.
@@ -62,7 +63,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = postern_terminal::parse_args();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(

@@ -1,7 +1,7 @@
 //! The knock pipeline: from one datagram to one decision, cheapest checks first.
 //!
 //! Owns the order of checks (DESIGN §3): precheck (size, version, key id) → decrypt →
-//! device lookup → freshness → signature → replay → revocation → app and grant →
+//! device lookup → signature → freshness → replay → revocation → app and grant →
 //! claimed address → session. Pure logic over the registry view, the replay cache and
 //! the session table: no sockets, no firewall, no clock reads (time is passed in), so it
 //! is unit-testable. Must not touch nftables (the caller applies `Decision::Allow`).
@@ -11,11 +11,11 @@ use std::net::IpAddr;
 
 use postern_firewall::{AppProto, Pinhole, SessionId};
 use postern_protocol::keys::{DeviceId, GatewayKeyId, GatewaySecret};
-use postern_protocol::packet::{self, flags, OpenError};
-use postern_protocol::replay::ReplayCache;
+use postern_protocol::packet::{self, flags, Knock, OpenError};
 use postern_protocol::snapshot::AppProtocol;
 
 use crate::registry::RegistryView;
+use crate::replay_state::ReplayState;
 
 /// Who an authenticated knock came from and what it asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +73,15 @@ pub struct PipelineLimits {
     pub max_skew_ms: u64,
     pub session_ttl_ms: u64,
     pub replay_capacity: usize,
+    /// Refuse knocks that carry no signed claimed address (default on).
+    pub require_claimed_addr: bool,
+}
+
+/// How long the replay cache remembers a knock after its timestamp: a knock is fresh for
+/// `max_skew` on either side of the gateway clock, so twice the skew covers every
+/// timestamp the freshness check can still accept.
+pub fn replay_window_ms(limits: &PipelineLimits) -> u64 {
+    2 * limits.max_skew_ms
 }
 
 /// Live sessions as the gateway remembers them, so a re-knock renews the same session
@@ -118,6 +127,24 @@ impl SessionTable {
         (SessionId(id), false)
     }
 
+    /// Removes and returns the sessions whose device is now unknown or revoked, or whose
+    /// app is gone or no longer granted to the device's user.
+    fn revoked_by(&mut self, view: &RegistryView) -> Vec<SessionId> {
+        let by_id = &mut self.by_id;
+        let mut closed = Vec::new();
+        self.by_key.retain(|(device, app, _), (id, _)| {
+            let allowed = view.device(device).is_some_and(|d| {
+                !d.revoked && view.app(app).is_some() && view.is_granted(app, &d.user)
+            });
+            if !allowed {
+                by_id.remove(&id.0);
+                closed.push(*id);
+            }
+            allowed
+        });
+        closed
+    }
+
     fn prune(&mut self, now_ms: u64) {
         let by_id = &mut self.by_id;
         self.by_key.retain(|_, (id, expires)| {
@@ -130,11 +157,92 @@ impl SessionTable {
     }
 }
 
-/// The knock pipeline's state: the gateway key, the replay cache and the session table.
-pub struct KnockPipeline {
+/// A knock that decrypted, whose signature verified against the enrolled key of its
+/// device, and whose timestamp is fresh. Only [`Opener::authenticate`] makes one.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    device_id: DeviceId,
+    knock: Knock,
+}
+
+impl Authenticated {
+    /// The knock's timestamp (ms since the epoch, by the device's clock).
+    pub fn timestamp_ms(&self) -> u64 {
+        self.knock.timestamp_ms
+    }
+}
+
+/// The stateless, expensive half of the pipeline: precheck → decrypt → device lookup →
+/// signature → freshness. Holds the gateway secret; cloned into each crypto worker, so
+/// decryption runs in parallel while the stateful half stays on one thread.
+#[derive(Clone)]
+pub struct Opener {
     secret: GatewaySecret,
     key_id: GatewayKeyId,
-    replay: ReplayCache,
+    max_skew_ms: u64,
+}
+
+impl std::fmt::Debug for Opener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opener")
+            .field("key_id", &self.key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Opener {
+    pub fn new(secret: GatewaySecret, max_skew_ms: u64) -> Opener {
+        let key_id = secret.public_key().key_id();
+        Opener {
+            secret,
+            key_id,
+            max_skew_ms,
+        }
+    }
+
+    /// The gateway key id the cheap precheck compares against.
+    pub fn key_id(&self) -> GatewayKeyId {
+        self.key_id
+    }
+
+    /// Authenticates `datagram` at `now_ms`, or says why it is dropped (never a `Deny` or an
+    /// `Allow`: nothing here is authenticated yet).
+    // The Err is only ever the small `Decision::Drop`; the enum is large because `Allow`
+    // carries a `Pinhole` (with its optional forward target).
+    #[allow(clippy::result_large_err)]
+    pub fn authenticate(
+        &self,
+        view: Option<&RegistryView>,
+        datagram: &[u8],
+        now_ms: u64,
+    ) -> Result<Authenticated, Decision> {
+        let drop = |e: OpenError| Decision::Drop { reason: e.reason() };
+        packet::precheck(datagram, self.key_id).map_err(drop)?;
+        let opened = packet::open(datagram, &self.secret).map_err(drop)?;
+        let Some(view) = view else {
+            return Err(Decision::Drop {
+                reason: "no_registry",
+            });
+        };
+        let device_id = opened.device();
+        let Some(device) = view.device(&device_id) else {
+            return Err(Decision::Drop {
+                reason: "unknown_device",
+            });
+        };
+        let knock = opened.verify(&device.key).map_err(drop)?;
+        // From here on the packet is authenticated: it came from this device's key.
+        // Freshness after the signature (docs/protocol.md §7): only verified knocks are
+        // judged on their timestamp and then fed to the replay cache.
+        packet::check_freshness(knock.timestamp_ms, now_ms, self.max_skew_ms).map_err(drop)?;
+        Ok(Authenticated { device_id, knock })
+    }
+}
+
+/// The knock pipeline's state: the opener, the replay cache and the session table.
+pub struct KnockPipeline {
+    opener: Opener,
+    replay: ReplayState,
     sessions: SessionTable,
     limits: PipelineLimits,
 }
@@ -149,16 +257,43 @@ impl std::fmt::Debug for KnockPipeline {
 }
 
 impl KnockPipeline {
+    /// A pipeline whose replay cache lives in memory only (see [`KnockPipeline::with_replay`]).
     pub fn new(secret: GatewaySecret, limits: PipelineLimits) -> KnockPipeline {
-        let key_id = secret.public_key().key_id();
+        // Entries must outlive every timestamp the freshness check still accepts.
+        let replay = ReplayState::in_memory(limits.replay_capacity, replay_window_ms(&limits));
+        KnockPipeline::with_replay(secret, limits, replay)
+    }
+
+    /// A pipeline over `replay` (built with a window of [`replay_window_ms`]), e.g. one
+    /// journaled to the state directory.
+    pub fn with_replay(
+        secret: GatewaySecret,
+        limits: PipelineLimits,
+        replay: ReplayState,
+    ) -> KnockPipeline {
         KnockPipeline {
-            secret,
-            key_id,
-            // Entries must outlive every timestamp the freshness check still accepts.
-            replay: ReplayCache::new(limits.replay_capacity, 2 * limits.max_skew_ms),
+            opener: Opener::new(secret, limits.max_skew_ms),
+            replay,
             sessions: SessionTable::default(),
             limits,
         }
+    }
+
+    /// The stateless half, for the crypto workers.
+    pub fn opener(&self) -> &Opener {
+        &self.opener
+    }
+
+    /// The replay state (for housekeeping and the clean stop).
+    pub fn replay_mut(&mut self) -> &mut ReplayState {
+        &mut self.replay
+    }
+
+    /// Forgets and returns the live sessions that `view` no longer allows (device revoked
+    /// or deleted, app removed, grant withdrawn): the caller closes them in the firewall,
+    /// which stops their flows at once.
+    pub fn sessions_revoked_by(&mut self, view: &RegistryView) -> Vec<SessionId> {
+        self.sessions.revoked_by(view)
     }
 
     /// Decides what to do with `datagram` from `src` at `now_ms`. `new_id` supplies
@@ -171,35 +306,34 @@ impl KnockPipeline {
         now_ms: u64,
         new_id: &mut dyn FnMut() -> u32,
     ) -> Decision {
-        let drop = |e: OpenError| Decision::Drop { reason: e.reason() };
-        if let Err(e) = packet::precheck(datagram, self.key_id) {
-            return drop(e);
+        match self.opener.authenticate(view, datagram, now_ms) {
+            Ok(auth) => self.conclude(view, src, auth, now_ms, new_id),
+            Err(decision) => decision,
         }
-        let opened = match packet::open(datagram, &self.secret) {
-            Ok(o) => o,
-            Err(e) => return drop(e),
-        };
+    }
+
+    /// The stateful half, on the one thread that owns the firewall: replay → revocation →
+    /// app and grant → claimed address → session. `view` is the latest registry (it may be
+    /// newer than the one `auth` was checked against).
+    pub fn conclude(
+        &mut self,
+        view: Option<&RegistryView>,
+        src: IpAddr,
+        auth: Authenticated,
+        now_ms: u64,
+        new_id: &mut dyn FnMut() -> u32,
+    ) -> Decision {
+        let Authenticated { device_id, knock } = auth;
         let Some(view) = view else {
             return Decision::Drop {
                 reason: "no_registry",
             };
         };
-        let device_id = opened.device();
         let Some(device) = view.device(&device_id) else {
             return Decision::Drop {
                 reason: "unknown_device",
             };
         };
-        if let Err(e) =
-            packet::check_freshness(opened.knock.timestamp_ms, now_ms, self.limits.max_skew_ms)
-        {
-            return drop(e);
-        }
-        let knock = match opened.verify(&device.key) {
-            Ok(k) => k,
-            Err(e) => return drop(e),
-        };
-        // From here on the packet is authenticated: it came from this device's key.
         let who = Who {
             device: device_id.to_string(),
             device_name: device.name.clone(),
@@ -210,11 +344,11 @@ impl KnockPipeline {
             reason,
             who: who.clone(),
         };
-        if let Err(e) =
+        if let Err(reason) =
             self.replay
                 .check_and_insert(device_id, knock.nonce, knock.timestamp_ms, now_ms)
         {
-            return deny(e.reason());
+            return deny(reason);
         }
         if device.revoked {
             return deny("device_revoked");
@@ -228,10 +362,14 @@ impl KnockPipeline {
         if !view.is_granted(&app.name, &device.user) {
             return deny("not_granted");
         }
-        if let Some(claimed) = knock.claimed_addr {
-            if claimed.to_canonical() != src.to_canonical() {
+        // The signed claimed address binds the knock to its sender: a copy replayed first
+        // from another address (an on-path race) is refused instead of opening a door there.
+        match knock.claimed_addr {
+            Some(claimed) if claimed.to_canonical() != src.to_canonical() => {
                 return deny("claimed_addr_mismatch");
             }
+            None if self.limits.require_claimed_addr => return deny("no_claimed_addr"),
+            _ => {}
         }
         let addr = src.to_canonical();
         let (session, renewed) = self.sessions.session(
@@ -251,6 +389,7 @@ impl KnockPipeline {
                 proto,
                 port: app.port,
                 session,
+                forward: app.forward,
             },
             renewed,
         }
@@ -265,6 +404,7 @@ mod tests {
     use postern_protocol::snapshot::{AppRecord, DeviceRecord, GrantRecord, Snapshot};
 
     const NOW: u64 = 1_800_000_000_000;
+    const SRC: &str = "10.1.1.1";
 
     struct Fixture {
         pipeline: KnockPipeline,
@@ -306,11 +446,13 @@ mod tests {
                     name: "ssh".into(),
                     protocol: AppProtocol::Tcp,
                     port: 22,
+                    forward: None,
                 },
                 AppRecord {
                     name: "db".into(),
                     protocol: AppProtocol::Tcp,
                     port: 5432,
+                    forward: Some("10.20.0.5:5432".parse().expect("literal")),
                 },
             ],
             grants: vec![
@@ -330,6 +472,7 @@ mod tests {
             max_skew_ms: 30_000,
             session_ttl_ms: 60_000,
             replay_capacity: 1000,
+            require_claimed_addr: true,
         };
         Fixture {
             pipeline: KnockPipeline::new(secret, limits),
@@ -347,7 +490,7 @@ mod tests {
             nonce: [nonce; 16],
             flags: flags::KNOCK,
             app: app.into(),
-            claimed_addr: None,
+            claimed_addr: Some(SRC.parse().expect("literal")),
             posture_digest: [0; 32],
         }
     }
@@ -507,5 +650,61 @@ mod tests {
         let src: IpAddr = "10.1.1.1".parse().expect("literal");
         let d = f.pipeline.decide(None, src, &dgram, NOW, &mut ids);
         assert_eq!(d.reason(), "no_registry");
+    }
+    #[test]
+    fn a_knock_without_a_claimed_address_is_refused() {
+        let mut f = fixture();
+        let alice = f.alice.clone();
+        let mut k = knock(&alice, "ssh", NOW, 30);
+        k.claimed_addr = None;
+        assert_eq!(f.run(&k, &alice, NOW).reason(), "no_claimed_addr");
+    }
+
+    #[test]
+    fn a_new_registry_closes_the_sessions_it_no_longer_allows() {
+        let mut f = fixture();
+        let alice = f.alice.clone();
+        let bob = DeviceSigningKey::from_seed([4; 32]);
+        let mut snapshot = Snapshot {
+            revision: 4,
+            devices: vec![
+                device_record(&alice, "laptop", "alice", false),
+                device_record(&bob, "desktop", "bob", false),
+            ],
+            apps: vec![AppRecord {
+                name: "ssh".into(),
+                protocol: AppProtocol::Tcp,
+                port: 22,
+                forward: None,
+            }],
+            grants: vec![
+                GrantRecord {
+                    app: "ssh".into(),
+                    user: "alice".into(),
+                },
+                GrantRecord {
+                    app: "ssh".into(),
+                    user: "bob".into(),
+                },
+            ],
+        };
+        f.view = RegistryView::from_snapshot(&snapshot).0;
+        let session_of = |d: Decision| match d {
+            Decision::Allow { pinhole, .. } => pinhole.session,
+            other => panic!("expected allow, got {other:?}"),
+        };
+        let a = session_of(f.run(&knock(&alice, "ssh", NOW, 31), &alice, NOW));
+        let b = session_of(f.run(&knock(&bob, "ssh", NOW, 32), &bob, NOW));
+        // Nothing changed: nothing to close.
+        assert!(f.pipeline.sessions_revoked_by(&f.view).is_empty());
+        // Alice's device revoked: only her session closes, once.
+        snapshot.devices[0].revoked = true;
+        let view = RegistryView::from_snapshot(&snapshot).0;
+        assert_eq!(f.pipeline.sessions_revoked_by(&view), vec![a]);
+        assert!(f.pipeline.sessions_revoked_by(&view).is_empty());
+        // Bob's grant withdrawn: his closes too.
+        snapshot.grants.pop();
+        let view = RegistryView::from_snapshot(&snapshot).0;
+        assert_eq!(f.pipeline.sessions_revoked_by(&view), vec![b]);
     }
 }

@@ -138,9 +138,37 @@ impl ReplayCache {
     }
 
     /// The eviction floor: knocks with `timestamp_ms <= floor` are refused. `None` until the
-    /// cache first had to evict an unexpired entry.
+    /// cache first had to evict an unexpired entry (or [`ReplayCache::raise_floor`] was called).
     pub fn floor(&self) -> Option<u64> {
         self.floor
+    }
+
+    /// Refuse every knock with `timestamp_ms <= floor` from now on (never lowers the floor).
+    /// Used when restoring persisted state, and when state was lost: then the floor must
+    /// cover every timestamp the lost entries could have had.
+    pub fn raise_floor(&mut self, floor: u64) {
+        self.floor = Some(self.floor.map_or(floor, |f| f.max(floor)));
+    }
+
+    /// Highest `now_ms` seen so far (0 before the first call).
+    pub fn high_water_ms(&self) -> u64 {
+        self.high_water_ms
+    }
+
+    /// Raise the high-water mark to `now_ms` (never lowers it), as if a knock had been
+    /// checked at that time. Used when restoring persisted state.
+    pub fn observe(&mut self, now_ms: u64) {
+        self.high_water_ms = self.high_water_ms.max(now_ms);
+    }
+
+    /// How long after its timestamp an entry is remembered.
+    pub fn window_ms(&self) -> u64 {
+        self.window_ms
+    }
+
+    /// The remembered entries `(device, nonce, timestamp_ms)`, oldest first.
+    pub fn entries(&self) -> impl Iterator<Item = (DeviceId, [u8; 16], u64)> + '_ {
+        self.by_time.iter().map(|&(ts, d, n)| (d, n, ts))
     }
 }
 
@@ -249,6 +277,36 @@ mod tests {
         for (dev, nonce, ts) in accepted {
             assert!(c.check_and_insert(dev, nonce, ts, 1300).is_err());
         }
+    }
+
+    #[test]
+    fn restored_state_refuses_what_it_refused_before() {
+        let mut live = ReplayCache::new(10, 30_000);
+        live.check_and_insert(DEV, n(1), 50_000, 50_000)
+            .expect("first");
+        // Restore into a fresh cache: high water, floor and entries.
+        let mut back = ReplayCache::new(10, 30_000);
+        back.observe(live.high_water_ms());
+        back.raise_floor(40_000);
+        for (d, nonce, ts) in live.entries() {
+            back.check_and_insert(d, nonce, ts, live.high_water_ms())
+                .expect("restore");
+        }
+        assert_eq!(back.floor(), Some(40_000));
+        back.raise_floor(10);
+        assert_eq!(back.floor(), Some(40_000), "the floor never goes down");
+        assert_eq!(
+            back.check_and_insert(DEV, n(1), 50_000, 1),
+            Err(OpenError::Replay),
+            "restored entry, clock stepped back"
+        );
+        assert_eq!(
+            back.check_and_insert(DEV, n(2), 40_000, 50_000),
+            Err(OpenError::Replay),
+            "at the floor"
+        );
+        assert_eq!(back.check_and_insert(DEV, n(3), 40_001, 50_000), Ok(()));
+        assert_eq!(back.window_ms(), 30_000);
     }
 
     #[test]

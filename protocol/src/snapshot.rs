@@ -8,6 +8,7 @@
 //! protocol is the controller's and gateway's), the firewall or any policy decision.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
@@ -64,6 +65,11 @@ pub struct AppRecord {
     pub protocol: AppProtocol,
     /// Destination port on the gateway host.
     pub port: u16,
+    /// Forward mode (connector): the app really lives on an internal host behind the
+    /// gateway, at this address and port; the gateway DNATs the client's admitted
+    /// connections to `port` there. Absent: the app listens on the gateway host itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward: Option<SocketAddr>,
 }
 
 /// Transport protocol of an app. JSON/Display: `"tcp"` / `"udp"`.
@@ -160,11 +166,13 @@ mod tests {
                     name: "ssh".into(),
                     protocol: AppProtocol::Tcp,
                     port: 22,
+                    forward: None,
                 },
                 AppRecord {
                     name: "dns".into(),
                     protocol: AppProtocol::Udp,
                     port: 53,
+                    forward: Some("10.20.0.5:5353".parse().expect("literal")),
                 },
             ],
             grants: vec![GrantRecord {
@@ -182,6 +190,22 @@ mod tests {
         assert!(json.contains("\"protocol\":\"udp\""));
         let back: Snapshot = serde_json::from_str(&json).expect("deserialize");
         assert_eq!(back, s);
+    }
+
+    #[test]
+    fn forward_is_optional_on_the_wire() {
+        // Old JSON (no `forward`) still parses, and an app without one writes none.
+        let old = r#"{"name":"ssh","protocol":"tcp","port":22}"#;
+        let app: AppRecord = serde_json::from_str(old).expect("old app record");
+        assert_eq!(app.forward, None);
+        assert_eq!(serde_json::to_string(&app).expect("serialize"), old);
+        let v6 = r#"{"name":"web","protocol":"tcp","port":8443,"forward":"[fd00::5]:80"}"#;
+        let app: AppRecord = serde_json::from_str(v6).expect("v6 forward");
+        assert_eq!(app.forward, Some("[fd00::5]:80".parse().expect("literal")));
+        assert!(serde_json::from_str::<AppRecord>(
+            r#"{"name":"w","protocol":"tcp","port":1,"forward":"db.internal:80"}"#
+        )
+        .is_err());
     }
 
     #[test]

@@ -63,7 +63,9 @@ enum Command {
         gateway_key: String,
         #[arg(long, value_name = "FILE")]
         key: Option<PathBuf>,
-        /// Ask for the pinhole for this address instead of the packet's source (NAT).
+        /// Claim this address in the signed knock instead of this host's own source
+        /// address (for NAT). Today's gateway refuses a claim that differs from the
+        /// packet's source; the policy engine will decide when it may.
         #[arg(long, value_name = "ADDR")]
         allow_ip: Option<IpAddr>,
         /// Print what was sent as JSON.
@@ -73,7 +75,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    match execute(Cli::parse().command) {
+    let cli: Cli = postern_terminal::parse_args();
+    match execute(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -137,6 +140,26 @@ fn knock(
     )?;
     let signing = load_key(key_file)?;
     let target = resolve(gateway)?;
+    let bind: SocketAddr = if target.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()
+    .context("literal wildcard address")?;
+    let socket = UdpSocket::bind(bind).context("open a UDP socket")?;
+    // Connecting picks the route and so the source address the gateway will see; the knock
+    // claims (and signs) it, so a copy replayed from elsewhere opens nothing.
+    socket
+        .connect(target)
+        .with_context(|| format!("no route to the gateway {target}"))?;
+    let claimed = match allow_ip {
+        Some(ip) => ip,
+        None => socket
+            .local_addr()
+            .context("read the knock's source address")?
+            .ip(),
+    };
     let mut nonce = [0u8; 16];
     getrandom::getrandom(&mut nonce).context("read the OS random number generator")?;
     let mut ephemeral = Zeroizing::new([0u8; 32]);
@@ -150,7 +173,7 @@ fn knock(
         nonce,
         flags: flags::KNOCK,
         app: app.to_owned(),
-        claimed_addr: allow_ip,
+        claimed_addr: Some(claimed),
         posture_digest: [0; 32],
     };
     let datagram = packet::seal(
@@ -162,21 +185,13 @@ fn knock(
         },
     )
     .with_context(|| format!("build the knock for app {app:?}"))?;
-    let bind: SocketAddr = if target.is_ipv4() {
-        "0.0.0.0:0"
-    } else {
-        "[::]:0"
-    }
-    .parse()
-    .context("literal wildcard address")?;
-    let socket = UdpSocket::bind(bind).context("open a UDP socket")?;
     socket
-        .send_to(&datagram, target)
+        .send(&datagram)
         .with_context(|| format!("send the knock to {target}"))?;
     if json {
         let v = serde_json::json!({
             "sent": true, "gateway": target.to_string(), "app": app, "bytes": datagram.len(),
-            "device_id": knock.device.to_string(),
+            "device_id": knock.device.to_string(), "claimed_addr": claimed.to_string(),
         });
         println!("{v}");
     } else {
@@ -236,7 +251,8 @@ fn generate_key(path: &Path, force: bool) -> Result<DeviceSigningKey> {
     getrandom::getrandom(seed.as_mut()).context("read the OS random number generator")?;
     let signing = DeviceSigningKey::from_seed(*seed);
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).mode(0o600);
+    // O_NOFOLLOW: a symlink planted at the key path must not redirect the secret.
+    opts.write(true).mode(0o600).custom_flags(libc::O_NOFOLLOW);
     if force {
         opts.create(true).truncate(true);
     } else {

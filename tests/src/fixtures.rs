@@ -244,6 +244,14 @@ pub struct GatewayOptions {
     pub session_secs: u64,
     pub max_skew_secs: u64,
     pub open_ports: Vec<String>,
+    /// Reuse this gateway key (e.g. to restart "the same gateway") instead of a new one.
+    pub key_file: Option<PathBuf>,
+    /// The replay state directory; `None`: a fresh `state/` in the gateway's temp dir.
+    pub state_dir: Option<PathBuf>,
+    /// Test-only clock offset file (`POSTERN_GATEWAY_CLOCK_OFFSET_FILE`): signed ms.
+    pub clock_offset_file: Option<PathBuf>,
+    /// Extra TOML lines appended to the config (e.g. `crypto_budget = 100`).
+    pub extra_config: String,
 }
 
 impl GatewayOptions {
@@ -255,6 +263,10 @@ impl GatewayOptions {
             session_secs: 4,
             max_skew_secs: 30,
             open_ports: Vec::new(),
+            key_file: None,
+            state_dir: None,
+            clock_offset_file: None,
+            extra_config: String::new(),
         }
     }
 }
@@ -286,13 +298,30 @@ impl Gateway {
             .prefix("postern-gw-")
             .tempdir()
             .expect("gateway temp dir");
-        let key_file = dir.path().join("gateway.key");
-        let out = run_ok(
-            Command::new(bin("postern-gateway"))
-                .arg("keygen")
-                .arg("--out")
-                .arg(&key_file),
-        );
+        let key_file = options
+            .key_file
+            .clone()
+            .unwrap_or_else(|| dir.path().join("gateway.key"));
+        let out = if options.key_file.is_some() {
+            // The same line `keygen` prints, from the existing key.
+            let text = std::fs::read_to_string(&key_file)
+                .unwrap_or_else(|e| panic!("read gateway key {}: {e}", key_file.display()));
+            postern_protocol::keys::GatewaySecret::from_text(&text)
+                .unwrap_or_else(|e| panic!("gateway key {}: {e}", key_file.display()))
+                .public_key()
+                .to_text()
+        } else {
+            run_ok(
+                Command::new(bin("postern-gateway"))
+                    .arg("keygen")
+                    .arg("--out")
+                    .arg(&key_file),
+            )
+        };
+        let state_dir = options
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("state"));
         let public_key_text = out
             .lines()
             .map(str::trim)
@@ -326,7 +355,9 @@ impl Gateway {
              pinhole_secs = {pinhole}\n\
              session_secs = {session}\n\
              table = {table:?}\n\
-             open_ports = [{open_ports}]\n",
+             open_ports = [{open_ports}]\n\
+             state_dir = {state:?}\n\
+             {extra}\n",
             key = key_file.display().to_string(),
             capture = options.capture.as_str(),
             spa_port = options.spa_port,
@@ -336,11 +367,23 @@ impl Gateway {
             pinhole = options.pinhole_secs,
             session = options.session_secs,
             table = TABLE,
+            state = state_dir.display().to_string(),
+            extra = options.extra_config,
         );
         std::fs::write(&config, toml).expect("write gateway config");
 
-        let mut cmd = Command::new(bin("postern-gateway"));
-        cmd.arg("run").arg("--config").arg(&config);
+        // `env` execs the gateway, so the child's pid stays the gateway's.
+        let mut cmd = Command::new("env");
+        if let Some(offset) = &options.clock_offset_file {
+            cmd.arg(format!(
+                "POSTERN_GATEWAY_CLOCK_OFFSET_FILE={}",
+                offset.display()
+            ));
+        }
+        cmd.arg(bin("postern-gateway"))
+            .arg("run")
+            .arg("--config")
+            .arg(&config);
         let child = lab.spawn_logged(&lab.gateway, &cmd, &stderr_log, &stderr_log);
         let mut gw = Gateway {
             child,

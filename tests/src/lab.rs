@@ -99,7 +99,44 @@ pub fn bin(name: &str) -> PathBuf {
             candidate.display()
         );
     }
+    refuse_stale(&candidate);
     candidate
+}
+
+/// `cargo test -p postern-e2e` does not rebuild the binaries it drives: a binary older
+/// than any source file of the workspace crates would test yesterday's code. Refuse it.
+fn refuse_stale(binary: &Path) {
+    let Ok(built) = std::fs::metadata(binary).and_then(|m| m.modified()) else {
+        return;
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    // The workspace crates each binary is built from (cargo relinks only these).
+    let crates: &[&str] = match binary.file_name().and_then(|n| n.to_str()) {
+        Some("postern-gateway") => &["protocol", "firewall", "terminal", "gateway"],
+        Some("postern-controller") => &["protocol", "terminal", "controller"],
+        Some("postern") => &["protocol", "terminal", "spa-client"],
+        _ => &[],
+    };
+    let mut dirs: Vec<PathBuf> = crates.iter().map(|c| root.join(c).join("src")).collect();
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if let Ok(modified) = entry.metadata().and_then(|m| m.modified()) {
+                if modified > built {
+                    panic!(
+                        "{} is older than {}: run `cargo build --workspace --bins` first",
+                        binary.display(),
+                        path.display()
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// Runs a command to completion, panicking (with its output) if it fails to start or exits

@@ -9,6 +9,7 @@
 //! only to craft packets).
 
 pub mod fixtures;
+pub mod forward_lab;
 pub mod lab;
 pub mod netns;
 

@@ -2,12 +2,16 @@
 //! namespace), real client, real TCP connections from a client namespace.
 //!
 //! Owns: the knock scenarios of DESIGN §3/§4, each written once as a function taking the
-//! capture mode and run for both `sniff` and `udp`. Must not touch: anything outside the
+//! capture mode and the address family, and run for {`sniff`, `udp`} x {IPv4, IPv6}
+//! (tests `MODE::v4::SCENARIO` and `MODE::v6::SCENARIO`): the client knocks and connects
+//! over that family only, and pinholes must land in that family's map (`pinholes4` or
+//! `pinholes6`) and nowhere else. Must not touch: anything outside the
 //! namespaces and temp directories its lab creates (see `postern_e2e`).
 
 use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
+use postern_e2e::fixtures::TABLE;
 use postern_e2e::{
     echo_roundtrip, knock_cli_ok, poll, record_timing, tcp_connect, unix_ms, Capture, Controller,
     Device, Gateway, GatewayOptions, InProcessDevice, Lab,
@@ -26,18 +30,21 @@ const KNOCK_BUDGET: Duration = Duration::from_millis(100);
 /// How long the gateway may take to log a decision.
 const DECISION_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// One lab with a controller and a running gateway. Fields drop in order: the gateway
-/// first (its failure diagnostics need the namespace), then the controller, then the lab.
+/// One lab with a controller and a running gateway, used over one address family. Fields
+/// drop in order: the gateway first (its failure diagnostics need the namespace), then the
+/// controller, then the lab.
 struct Setup {
     gw: Gateway,
     ctl: Controller,
     lab: Lab,
+    /// The scenario's address family: every knock, connection and datagram uses it.
+    v6: bool,
 }
 
 impl Setup {
     /// Lab + echo server on the app port + controller with app `web` granted to `alice`;
     /// `enroll` adds devices before the gateway starts (so its first snapshot has them).
-    fn new(mode: Capture, enroll: impl FnOnce(&Controller)) -> Setup {
+    fn new(mode: Capture, v6: bool, enroll: impl FnOnce(&Controller)) -> Setup {
         let lab = Lab::new();
         lab.start_echo_server(APP_PORT);
         let ctl = Controller::start();
@@ -45,15 +52,30 @@ impl Setup {
         ctl.grant(APP, USER);
         enroll(&ctl);
         let gw = Gateway::start(&lab, &ctl, GatewayOptions::new(mode));
-        Setup { gw, ctl, lab }
+        Setup { gw, ctl, lab, v6 }
+    }
+
+    /// "ipv4" or "ipv6", for messages and measurements.
+    fn family(&self) -> &'static str {
+        family(self.v6)
+    }
+
+    /// The gateway's address in the scenario's family.
+    fn gw_ip(&self) -> IpAddr {
+        self.lab.gateway_addr(self.v6)
     }
 
     fn app_addr(&self) -> SocketAddr {
-        SocketAddr::new(self.lab.gateway_addr(false), APP_PORT)
+        SocketAddr::new(self.gw_ip(), APP_PORT)
     }
 
     fn client_ip(&self) -> IpAddr {
-        self.lab.client_addr(false)
+        self.lab.client_addr(self.v6)
+    }
+
+    /// `[mode family]` for measurement lines.
+    fn tag(&self) -> String {
+        format!("[{} {}]", self.gw.options.capture.as_str(), self.family())
     }
 
     fn connect(&self, timeout: Duration) -> std::io::Result<TcpStream> {
@@ -63,13 +85,79 @@ impl Setup {
     /// The app port must not accept a connection from the client namespace.
     fn assert_dark(&mut self, when: &str) {
         self.gw.check_alive();
-        if let Ok(stream) = self.connect(DARK_TIMEOUT) {
-            drop(stream);
-            panic!(
-                "app port {} is reachable from the client {when}; it must stay dark",
-                self.app_addr()
-            );
-        }
+        expect_no_answer(self.connect(DARK_TIMEOUT), self.app_addr(), when);
+    }
+
+    /// The app port over the *other* family must not accept a connection: a pinhole is for
+    /// the knocking address only.
+    fn assert_other_family_dark(&mut self, when: &str) {
+        self.gw.check_alive();
+        let other = SocketAddr::new(self.lab.gateway_addr(!self.v6), APP_PORT);
+        let when = format!("over {} {when}", family(!self.v6));
+        expect_no_answer(
+            tcp_connect(&self.lab.client, other, DARK_TIMEOUT),
+            other,
+            &when,
+        );
+    }
+
+    /// The elements of pinhole map `pinholes4` or `pinholes6`, as (address, protocol, port),
+    /// read with `nft -j list map` in the gateway namespace.
+    fn pinholes(&self, v6: bool) -> Vec<(IpAddr, String, u16)> {
+        let map = if v6 { "pinholes6" } else { "pinholes4" };
+        let out = self
+            .lab
+            .command_in(&self.lab.gateway, "nft")
+            .args(["-j", "list", "map", "inet", TABLE, map])
+            .output()
+            .expect("run nft in the gateway namespace");
+        assert!(
+            out.status.success(),
+            "nft -j list map inet {TABLE} {map}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("nft -j list map {map}: not JSON ({e})"));
+        let mut found = Vec::new();
+        collect_concats(&json, &mut found);
+        found
+            .into_iter()
+            .map(|c| {
+                let parsed = (
+                    c.first()
+                        .and_then(Value::as_str)
+                        .and_then(|a| a.parse().ok()),
+                    c.get(1).and_then(Value::as_str).map(str::to_owned),
+                    c.get(2)
+                        .and_then(Value::as_u64)
+                        .and_then(|p| u16::try_from(p).ok()),
+                );
+                match parsed {
+                    (Some(a), Some(p), Some(port)) => (a, p, port),
+                    _ => panic!("unexpected element {c:?} in map {map}"),
+                }
+            })
+            .collect()
+    }
+
+    /// Right after an allowed knock: the client's pinhole is in the scenario family's map
+    /// and the other family's map is empty.
+    fn assert_pinhole_in_family_map(&self) {
+        let want = (self.client_ip(), "tcp".to_owned(), APP_PORT);
+        let ours = self.pinholes(self.v6);
+        assert!(
+            ours.contains(&want),
+            "{}: pinhole {want:?} missing from map {}: {ours:?}",
+            self.family(),
+            if self.v6 { "pinholes6" } else { "pinholes4" }
+        );
+        let other = self.pinholes(!self.v6);
+        assert!(
+            other.is_empty(),
+            "a {} knock must not add elements to the {} map: {other:?}",
+            self.family(),
+            family(!self.v6)
+        );
     }
 
     /// Polls new connections until one fails (the pinhole is gone) or `deadline` passes.
@@ -77,7 +165,10 @@ impl Setup {
     fn wait_dark(&mut self, deadline: Instant, what: &str) -> Instant {
         loop {
             match self.connect(DARK_TIMEOUT) {
-                Err(_) => return Instant::now(),
+                Err(e) => {
+                    expect_no_answer(Err(e), self.app_addr(), what);
+                    return Instant::now();
+                }
                 Ok(stream) => drop(stream),
             }
             if Instant::now() >= deadline {
@@ -96,8 +187,8 @@ impl Setup {
             &format!("1.5 s after the pinhole expired ({label})"),
         );
         record_timing(&format!(
-            "{label} [{}]: new connections refused {:.2} s after the knock (pinhole_secs {})",
-            self.gw.options.capture.as_str(),
+            "{label} {}: new connections refused {:.2} s after the knock (pinhole_secs {})",
+            self.tag(),
             (dark_at - knocked).as_secs_f64(),
             self.gw.options.pinhole_secs
         ));
@@ -118,15 +209,51 @@ impl Setup {
         line
     }
 
-    /// Sends `datagram` to the gateway's SPA port from a UDP socket created inside the
-    /// client namespace.
+    /// Sends `datagram` to the gateway's SPA port (scenario family) from a UDP socket
+    /// created inside the client namespace.
     fn send_raw(&self, datagram: &[u8]) {
-        let to = SocketAddr::new(self.lab.gateway_addr(false), self.gw.options.spa_port);
+        let to = SocketAddr::new(self.gw_ip(), self.gw.options.spa_port);
+        let bind = if self.v6 { "[::]:0" } else { "0.0.0.0:0" };
         self.lab.run_in(&self.lab.client, || {
-            let sock = UdpSocket::bind("0.0.0.0:0").expect("bind a UDP socket in the client ns");
+            let sock = UdpSocket::bind(bind).expect("bind a UDP socket in the client ns");
             let sent = sock.send_to(datagram, to).expect("send the SPA datagram");
             assert_eq!(sent, datagram.len());
         });
+    }
+}
+
+fn family(v6: bool) -> &'static str {
+    if v6 {
+        "ipv6"
+    } else {
+        "ipv4"
+    }
+}
+
+/// Every `"concat": [...]` array in an `nft -j` document (the keys of map elements).
+fn collect_concats(v: &Value, out: &mut Vec<Vec<Value>>) {
+    match v {
+        Value::Object(map) => {
+            for (k, v) in map {
+                match (k.as_str(), v) {
+                    ("concat", Value::Array(items)) => out.push(items.clone()),
+                    _ => collect_concats(v, out),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|i| collect_concats(i, out)),
+        _ => {}
+    }
+}
+
+/// A dark port gives no answer at all: the connect must time out. A reset ("connection
+/// refused") would mean the host answered, and "unreachable" a broken lab: both fail here,
+/// so a dark-port check cannot pass for the wrong reason.
+fn expect_no_answer(result: std::io::Result<TcpStream>, addr: SocketAddr, when: &str) {
+    match result {
+        Ok(_) => panic!("app port {addr} is reachable from the client {when}; it must stay dark"),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+        Err(e) => panic!("app port {addr} {when}: expected no answer (a timeout), got {e}"),
     }
 }
 
@@ -138,8 +265,15 @@ fn device_id(public_key: &str) -> String {
         .to_string()
 }
 
-/// A sealed knock for `app` from an in-process device, at `timestamp_ms`.
-fn craft(dev: &InProcessDevice, gw: &Gateway, app: &str, timestamp_ms: u64) -> Vec<u8> {
+/// A sealed knock for `app` from an in-process device, at `timestamp_ms`, claiming (and
+/// signing) the source address `claimed`, as the real client does.
+fn craft(
+    dev: &InProcessDevice,
+    gw: &Gateway,
+    app: &str,
+    timestamp_ms: u64,
+    claimed: IpAddr,
+) -> Vec<u8> {
     let mut nonce = [0u8; 16];
     let mut ephemeral = [0u8; 32];
     getrandom::getrandom(&mut nonce).expect("OS randomness");
@@ -150,7 +284,7 @@ fn craft(dev: &InProcessDevice, gw: &Gateway, app: &str, timestamp_ms: u64) -> V
         nonce,
         flags: flags::KNOCK,
         app: app.to_owned(),
-        claimed_addr: None,
+        claimed_addr: Some(claimed),
         posture_digest: [0; 32],
     };
     seal(
@@ -164,20 +298,19 @@ fn craft(dev: &InProcessDevice, gw: &Gateway, app: &str, timestamp_ms: u64) -> V
     .expect("seal a valid knock")
 }
 
-/// Knock with the real client, then connect every ~3 ms from the client namespace.
-/// Returns the established stream and the time from the knock command's return to the
-/// connection.
-fn knock_and_connect(s: &Setup, dev: &Device, v6: bool) -> (TcpStream, Duration, Instant, u32) {
-    let addr = SocketAddr::new(s.lab.gateway_addr(v6), APP_PORT);
-    let gw_ip = s.lab.gateway_addr(v6);
+/// Knock with the real client over the scenario's family, then connect every ~3 ms from the
+/// client namespace. Returns the established stream and the time from the knock command's
+/// return to the connection.
+fn knock_and_connect(s: &Setup, dev: &Device) -> (TcpStream, Duration, Instant, u32) {
+    let addr = s.app_addr();
+    let gw_ip = s.gw_ip();
     s.lab.run_in(&s.lab.client, || {
         let started = Instant::now();
         knock_cli_ok(&s.lab, &s.gw, dev, APP, gw_ip);
         let knocked = Instant::now();
         record_timing(&format!(
-            "knock command [{}] {}: `ip netns exec C postern knock` ran {:.2} ms",
-            s.gw.options.capture.as_str(),
-            if v6 { "ipv6" } else { "ipv4" },
+            "knock command {}: `ip netns exec C postern knock` ran {:.2} ms",
+            s.tag(),
             (knocked - started).as_secs_f64() * 1000.0
         ));
         let mut attempts = 0u32;
@@ -196,23 +329,25 @@ fn knock_and_connect(s: &Setup, dev: &Device, v6: bool) -> (TcpStream, Duration,
 }
 
 // ---------------------------------------------------------------------------------------
-// Scenarios (each runs for both capture modes).
+// Scenarios (each runs for both capture modes over both address families).
 // ---------------------------------------------------------------------------------------
 
 /// Dark before the knock; open within 100 ms of the knock; the pinhole (2 s) admits new
 /// connections only for its window; the established flow lives until the session (4 s)
-/// expires, then stops carrying data.
-fn knock_opens_the_port_until_it_expires(mode: Capture) {
+/// expires, then stops carrying data. The pinhole lands in the family's map, and the app
+/// port stays dark over the other family (the pinhole is for the knocking address only).
+fn knock_opens_the_port_until_it_expires(mode: Capture, v6: bool) {
     let dev = Device::keygen("laptop");
-    let mut s = Setup::new(mode, |ctl| {
+    let mut s = Setup::new(mode, v6, |ctl| {
         dev.enroll(ctl, USER);
     });
     s.assert_dark("before any knock");
+    s.assert_other_family_dark("before any knock");
 
-    let (mut stream, took, knocked, attempts) = knock_and_connect(&s, &dev, false);
+    let (mut stream, took, knocked, attempts) = knock_and_connect(&s, &dev);
     record_timing(&format!(
-        "knock->connect [{}] ipv4: {:.2} ms ({attempts} connect attempts)",
-        mode.as_str(),
+        "knock->connect {}: {:.2} ms ({attempts} connect attempts)",
+        s.tag(),
         took.as_secs_f64() * 1000.0
     ));
     assert!(
@@ -232,6 +367,8 @@ fn knock_opens_the_port_until_it_expires(mode: Capture) {
     );
     assert_eq!(line.get("app").and_then(Value::as_str), Some(APP));
     assert_eq!(line.get("user").and_then(Value::as_str), Some(USER));
+    s.assert_pinhole_in_family_map();
+    s.assert_other_family_dark(&format!("after a {} knock", s.family()));
 
     // Inside the knock window a second new connection is still admitted.
     let mid = knocked + Duration::from_millis(1000);
@@ -245,10 +382,17 @@ fn knock_opens_the_port_until_it_expires(mode: Capture) {
 
     // The established flow outlives the pinhole while its session lives...
     let session = Duration::from_secs(s.gw.options.session_secs);
-    if knocked.elapsed() + Duration::from_millis(500) < session {
-        echo_roundtrip(&mut stream, b"still in session", Duration::from_millis(500))
-            .unwrap_or_else(|e| panic!("established flow stopped before its session expired: {e}"));
-    }
+    // Never skipped: on a machine too slow to get here inside the session the check
+    // would prove nothing, so that is a failure too, not a pass.
+    assert!(
+        knocked.elapsed() + Duration::from_millis(500) < session,
+        "reached the in-session check {:?} after the knock: too late for session_secs {} \
+         to mean anything (the machine is overloaded)",
+        knocked.elapsed(),
+        s.gw.options.session_secs
+    );
+    echo_roundtrip(&mut stream, b"still in session", Duration::from_millis(500))
+        .unwrap_or_else(|e| panic!("established flow stopped before its session expired: {e}"));
     // ...and stops carrying data once the session has expired.
     let after_session = knocked + session + Duration::from_millis(300);
     std::thread::sleep(after_session.saturating_duration_since(Instant::now()));
@@ -268,29 +412,30 @@ fn knock_opens_the_port_until_it_expires(mode: Capture) {
 }
 
 /// A device whose key is not enrolled is dropped as `unknown_device`.
-fn unknown_device_is_dropped(mode: Capture) {
+fn unknown_device_is_dropped(mode: Capture, v6: bool) {
     let enrolled = Device::keygen("laptop");
     let stranger = Device::keygen("stranger");
-    let mut s = Setup::new(mode, |ctl| {
+    let mut s = Setup::new(mode, v6, |ctl| {
         enrolled.enroll(ctl, USER);
     });
     s.assert_dark("before any knock");
-    knock_cli_ok(&s.lab, &s.gw, &stranger, APP, s.lab.gateway_addr(false));
+    knock_cli_ok(&s.lab, &s.gw, &stranger, APP, s.gw_ip());
     s.expect_decision(1, "drop", "unknown_device");
     s.assert_dark("after a knock by an unknown device");
 }
 
 /// The same datagram sent twice: the first opens, the second (after the pinhole expired) is
 /// refused as `replay` and leaves the port closed.
-fn replayed_packet_is_refused(mode: Capture) {
+fn replayed_packet_is_refused(mode: Capture, v6: bool) {
     let dev = InProcessDevice::random("crafted");
-    let mut s = Setup::new(mode, |ctl| {
+    let mut s = Setup::new(mode, v6, |ctl| {
         ctl.add_device(&dev.name, USER, &dev.public_text());
     });
-    let datagram = craft(&dev, &s.gw, APP, unix_ms());
+    let datagram = craft(&dev, &s.gw, APP, unix_ms(), s.client_ip());
     s.send_raw(&datagram);
     let sent = Instant::now();
     s.expect_decision(1, "allow", "granted");
+    s.assert_pinhole_in_family_map();
     s.connect(Duration::from_millis(500))
         .expect("the original datagram opens the port");
     let pinhole = Duration::from_secs(s.gw.options.pinhole_secs);
@@ -302,61 +447,71 @@ fn replayed_packet_is_refused(mode: Capture) {
     s.send_raw(&datagram);
     s.expect_decision(2, "deny", "replay");
     s.assert_dark("after a replayed knock");
+    assert!(
+        s.pinholes(v6).is_empty(),
+        "a replayed knock must not add a pinhole"
+    );
 }
 
 /// A datagram with one flipped ciphertext byte is dropped as `decrypt`; the untouched
 /// original then opens (so the flip alone made the difference).
-fn tampered_packet_is_dropped(mode: Capture) {
+fn tampered_packet_is_dropped(mode: Capture, v6: bool) {
     let dev = InProcessDevice::random("crafted");
-    let mut s = Setup::new(mode, |ctl| {
+    let mut s = Setup::new(mode, v6, |ctl| {
         ctl.add_device(&dev.name, USER, &dev.public_text());
     });
-    let datagram = craft(&dev, &s.gw, APP, unix_ms());
+    let datagram = craft(&dev, &s.gw, APP, unix_ms(), s.client_ip());
     let mut tampered = datagram.clone();
     // Past the 42-byte clear header: inside the encrypted device id.
     tampered[50] ^= 0x01;
     s.send_raw(&tampered);
     s.expect_decision(1, "drop", "decrypt");
     s.assert_dark("after a tampered knock");
+    assert!(
+        s.pinholes(v6).is_empty(),
+        "a tampered knock must not add a pinhole"
+    );
 
     s.send_raw(&datagram);
     s.expect_decision(2, "allow", "granted");
+    s.assert_pinhole_in_family_map();
     s.connect(Duration::from_millis(500))
         .expect("the untampered datagram opens the port");
 }
 
 /// A knock stamped 5 minutes ago (max skew 30 s) is dropped as `stale`.
-fn expired_timestamp_is_dropped(mode: Capture) {
+fn expired_timestamp_is_dropped(mode: Capture, v6: bool) {
     let dev = InProcessDevice::random("crafted");
-    let mut s = Setup::new(mode, |ctl| {
+    let mut s = Setup::new(mode, v6, |ctl| {
         ctl.add_device(&dev.name, USER, &dev.public_text());
     });
     let old = unix_ms() - 5 * 60 * 1000;
-    s.send_raw(&craft(&dev, &s.gw, APP, old));
+    s.send_raw(&craft(&dev, &s.gw, APP, old, s.client_ip()));
     s.expect_decision(1, "drop", "stale");
     s.assert_dark("after a knock with a 5-minute-old timestamp");
 }
 
 /// `device revoke` while the gateway runs reaches it without a restart: the device's next
 /// knock is refused as `device_revoked`.
-fn revoked_device_is_refused_without_restart(mode: Capture) {
+fn revoked_device_is_refused_without_restart(mode: Capture, v6: bool) {
     let dev = Device::keygen("phone");
-    let mut s = Setup::new(mode, |ctl| {
+    let mut s = Setup::new(mode, v6, |ctl| {
         dev.enroll(ctl, USER);
     });
     let pid = s.gw.pid();
     // The device works before the revoke...
-    knock_cli_ok(&s.lab, &s.gw, &dev, APP, s.lab.gateway_addr(false));
+    knock_cli_ok(&s.lab, &s.gw, &dev, APP, s.gw_ip());
     let knocked = Instant::now();
     s.expect_decision(1, "allow", "granted");
+    s.assert_pinhole_in_family_map();
 
     let before = s.gw.synced_revision().unwrap_or(0);
     let revoked = Instant::now();
     s.ctl.revoke(&dev.name);
     let rev = s.gw.wait_sync_after(before, Duration::from_secs(3));
     record_timing(&format!(
-        "revoke->gateway snapshot [{}]: {:.1} ms (revision {before} -> {rev})",
-        mode.as_str(),
+        "revoke->gateway snapshot {}: {:.1} ms (revision {before} -> {rev})",
+        s.tag(),
         revoked.elapsed().as_secs_f64() * 1000.0
     ));
 
@@ -366,21 +521,28 @@ fn revoked_device_is_refused_without_restart(mode: Capture) {
         knocked + pinhole + Duration::from_millis(1500),
         "after the pinhole expired",
     );
-    knock_cli_ok(&s.lab, &s.gw, &dev, APP, s.lab.gateway_addr(false));
+    knock_cli_ok(&s.lab, &s.gw, &dev, APP, s.gw_ip());
     s.expect_decision(2, "deny", "device_revoked");
     s.assert_dark("after a revoked device knocked");
     assert_eq!(s.gw.pid(), pid, "the gateway was not restarted");
     s.gw.check_alive();
 }
 
-/// Sniff mode owns no listening socket; UDP mode owns one on the SPA port.
-fn listening_sockets_match_the_capture_mode(mode: Capture) {
-    let s = Setup::new(mode, |_| {});
+/// Sniff mode owns no listening socket; UDP mode owns one on the SPA port that receives the
+/// scenario's family (`*` is a dual-stack socket, `0.0.0.0` IPv4 only, `[::]` IPv6 only).
+fn listening_sockets_match_the_capture_mode(mode: Capture, v6: bool) {
+    let s = Setup::new(mode, v6, |_| {});
     let ss = s.gw.listening_sockets();
     let ours: Vec<&str> = ss
         .lines()
         .filter(|l| l.contains("postern-gateway"))
         .collect();
+    let port = s.gw.options.spa_port;
+    let local = if v6 {
+        [format!("*:{port} "), format!("[::]:{port} ")]
+    } else {
+        [format!("*:{port} "), format!("0.0.0.0:{port} ")]
+    };
     match mode {
         Capture::Sniff => assert!(
             ours.is_empty(),
@@ -388,64 +550,44 @@ fn listening_sockets_match_the_capture_mode(mode: Capture) {
         ),
         Capture::Udp => assert!(
             ours.iter()
-                .any(|l| l.contains(&format!(":{}", s.gw.options.spa_port))),
-            "udp mode must listen on UDP {}, `ss -lunpt` shows:\n{ss}",
-            s.gw.options.spa_port
+                .any(|l| l.starts_with("udp") && local.iter().any(|a| l.contains(a.as_str()))),
+            "udp mode must listen on UDP {port} for {} (local address {local:?}), \
+             `ss -lunpt` shows:\n{ss}",
+            s.family()
         ),
     }
 }
 
-/// The same knock over IPv6: the pinhole lands in the IPv6 map and admits the client.
-fn ipv6_knock_opens_the_port(mode: Capture) {
-    let dev = Device::keygen("laptop6");
-    let mut s = Setup::new(mode, |ctl| {
-        dev.enroll(ctl, USER);
-    });
-    let addr6 = SocketAddr::new(s.lab.gateway_addr(true), APP_PORT);
-    if tcp_connect(&s.lab.client, addr6, DARK_TIMEOUT).is_ok() {
-        panic!("IPv6 app port reachable before any knock");
-    }
-    let (mut stream, took, _, attempts) = knock_and_connect(&s, &dev, true);
-    record_timing(&format!(
-        "knock->connect [{}] ipv6: {:.2} ms ({attempts} connect attempts)",
-        mode.as_str(),
-        took.as_secs_f64() * 1000.0
-    ));
-    assert!(
-        took <= KNOCK_BUDGET,
-        "IPv6 connection took {took:?} after the knock returned (budget {KNOCK_BUDGET:?})"
-    );
-    echo_roundtrip(&mut stream, b"v6", Duration::from_secs(1)).expect("echo over IPv6");
-    let line =
-        s.gw.wait_knock(s.lab.client_addr(true), 1, DECISION_TIMEOUT);
-    assert_eq!(line.get("decision").and_then(Value::as_str), Some("allow"));
-    // IPv4 stays dark: the pinhole is for the knocking address only.
-    s.assert_dark("over IPv4 after an IPv6 knock");
-}
-
 /// SIGTERM: the gateway closes every door it opened (pinholes and sessions, so a live flow
 /// stops) and exits 0, leaving its dark ruleset in place.
-fn clean_stop_closes_every_door(mode: Capture) {
+fn clean_stop_closes_every_door(mode: Capture, v6: bool) {
     let dev = Device::keygen("laptop");
-    let mut s = Setup::new(mode, |ctl| {
+    let mut s = Setup::new(mode, v6, |ctl| {
         dev.enroll(ctl, USER);
     });
-    let (mut stream, _, _, _) = knock_and_connect(&s, &dev, false);
+    let (mut stream, _, _, _) = knock_and_connect(&s, &dev);
     echo_roundtrip(&mut stream, b"before stop", Duration::from_secs(1)).expect("echo");
+    s.assert_pinhole_in_family_map();
 
     let asked = Instant::now();
     let status =
         s.gw.stop(Duration::from_secs(15))
             .expect("the gateway exits within 15 s of SIGTERM");
     record_timing(&format!(
-        "clean stop [{}]: SIGTERM -> exit {:.2} s",
-        mode.as_str(),
+        "clean stop {}: SIGTERM -> exit {:.2} s",
+        s.tag(),
         asked.elapsed().as_secs_f64()
     ));
     assert!(status.success(), "clean stop must exit 0, got {status}");
     assert!(
         s.gw.table_exists(),
         "a clean stop keeps table inet postern (the host stays dark)"
+    );
+    let left = s.pinholes(v6);
+    assert!(
+        left.is_empty(),
+        "a clean stop removes its pinholes, {} map still holds {left:?}",
+        s.family()
     );
     if s.connect(DARK_TIMEOUT).is_ok() {
         panic!("app port reachable after the gateway stopped: the pinhole was not removed");
@@ -457,18 +599,25 @@ fn clean_stop_closes_every_door(mode: Capture) {
 
 /// SIGKILL (a crash): no stop code runs, yet no door outlives its kernel timeout; and a
 /// restarted gateway starts from empty sets (it clears what it finds, never widens it).
-fn killed_gateway_leaves_no_door_past_its_timeout(mode: Capture) {
+fn killed_gateway_leaves_no_door_past_its_timeout(mode: Capture, v6: bool) {
     let dev = Device::keygen("laptop");
-    let mut s = Setup::new(mode, |ctl| {
+    let mut s = Setup::new(mode, v6, |ctl| {
         dev.enroll(ctl, USER);
     });
 
     // 1. Crash with a live pinhole and session: the kernel's timeouts close both.
-    let (mut stream, _, knocked, _) = knock_and_connect(&s, &dev, false);
+    let (mut stream, _, knocked, _) = knock_and_connect(&s, &dev);
     s.gw.kill();
+    s.assert_pinhole_in_family_map();
     echo_roundtrip(&mut stream, b"after the crash", Duration::from_secs(1))
         .expect("the session (4 s) still carries the flow right after the crash");
     s.wait_pinhole_expiry(knocked, "crash (gateway SIGKILLed)");
+    let left = s.pinholes(v6);
+    assert!(
+        left.is_empty(),
+        "the kernel must time out a crashed gateway's pinhole, {} map holds {left:?}",
+        s.family()
+    );
     let session = Duration::from_secs(s.gw.options.session_secs);
     std::thread::sleep(
         (knocked + session + Duration::from_millis(300)).saturating_duration_since(Instant::now()),
@@ -485,8 +634,9 @@ fn killed_gateway_leaves_no_door_past_its_timeout(mode: Capture) {
 
     // 2. Crash with a live pinhole, restart at once: the new gateway clears it.
     s.gw = Gateway::start(&s.lab, &s.ctl, GatewayOptions::new(mode));
-    let (mut stream, _, _, _) = knock_and_connect(&s, &dev, false);
+    let (mut stream, _, _, _) = knock_and_connect(&s, &dev);
     s.gw.kill();
+    s.assert_pinhole_in_family_map();
     s.gw = Gateway::start(&s.lab, &s.ctl, GatewayOptions::new(mode));
     let ruleset = s.gw.ruleset();
     assert!(
@@ -531,18 +681,26 @@ fn lab_namespaces_are_isolated_and_cleaned_up() {
     assert!(gone.is_some(), "lab namespaces {names:?} left behind");
 }
 
-macro_rules! both_modes {
+/// One test per scenario, capture mode and address family: `sniff::v4::SCENARIO`,
+/// `sniff::v6::SCENARIO`, `udp::v4::SCENARIO`, `udp::v6::SCENARIO`.
+macro_rules! every_mode_and_family {
     ($($scenario:ident),* $(,)?) => {
-        mod sniff {
-            $(#[test] fn $scenario() { super::$scenario(super::Capture::Sniff) })*
-        }
-        mod udp {
-            $(#[test] fn $scenario() { super::$scenario(super::Capture::Udp) })*
+        every_mode_and_family!(@mode sniff, Sniff, $($scenario),*);
+        every_mode_and_family!(@mode udp, Udp, $($scenario),*);
+    };
+    (@mode $module:ident, $mode:ident, $($scenario:ident),*) => {
+        mod $module {
+            mod v4 {
+                $(#[test] fn $scenario() { crate::$scenario(crate::Capture::$mode, false) })*
+            }
+            mod v6 {
+                $(#[test] fn $scenario() { crate::$scenario(crate::Capture::$mode, true) })*
+            }
         }
     };
 }
 
-both_modes!(
+every_mode_and_family!(
     knock_opens_the_port_until_it_expires,
     unknown_device_is_dropped,
     replayed_packet_is_refused,
@@ -550,7 +708,6 @@ both_modes!(
     expired_timestamp_is_dropped,
     revoked_device_is_refused_without_restart,
     listening_sockets_match_the_capture_mode,
-    ipv6_knock_opens_the_port,
     clean_stop_closes_every_door,
     killed_gateway_leaves_no_door_past_its_timeout,
 );

@@ -65,6 +65,32 @@ fn spa_filter(port: u16) -> [libc::sock_filter; 18] {
     ]
 }
 
+/// Receive buffer for the capture socket: a flood must not overflow it during a short
+/// scheduling hiccup of the capture thread (valid knocks would be lost with the garbage).
+pub(super) const RCVBUF_BYTES: usize = 8 << 20;
+
+/// Sets the socket's receive buffer to `bytes`, past `net.core.rmem_max` when privileged
+/// (SO_RCVBUFFORCE), else as far as SO_RCVBUF allows. Best effort: a smaller buffer only
+/// means more kernel drops under a flood.
+pub(super) fn force_rcvbuf(fd: std::os::fd::RawFd, bytes: usize) {
+    let val = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: `val` is a valid c_int for the duration of the call; `fd` is an open socket.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&val as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            return;
+        }
+    }
+}
+
 fn check(rc: libc::c_int, what: &str) -> io::Result<libc::c_int> {
     if rc < 0 {
         let e = io::Error::last_os_error();
@@ -119,6 +145,7 @@ impl SniffSocket {
             },
             "attach SPA capture filter",
         )?;
+        force_rcvbuf(fd.as_raw_fd(), RCVBUF_BYTES);
         let tv = libc::timeval {
             tv_sec: timeout.as_secs() as libc::time_t,
             tv_usec: timeout.subsec_micros() as libc::suseconds_t,

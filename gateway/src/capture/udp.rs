@@ -29,6 +29,10 @@ impl UdpCapture {
             .bind(&addr.into())
             .map_err(|e| io::Error::new(e.kind(), format!("bind UDP {addr}: {e}")))?;
         socket.set_read_timeout(Some(timeout))?;
+        super::sniff::force_rcvbuf(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            super::sniff::RCVBUF_BYTES,
+        );
         Ok(UdpCapture {
             socket: socket.into(),
         })

@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""Writes the hand-made seed inputs of every fuzz target into fuzz/corpus/<target>/seed-*.
+
+Valid examples only, built from real data: the knock datagrams of the known-answer vectors
+(protocol/tests/vectors/knock_v1.json), those datagrams inside real IPv4/IPv6 UDP packets,
+the gateway config from README.md, real sync request/reply lines and snapshots, and the
+text form of every key type. The fuzzer's own finds are added next to them by scripts/fuzz
+(and minimized with `cargo fuzz cmin`). Run from anywhere: python3 fuzz/seeds/make_seeds.py
+"""
+import base64
+import json
+import os
+import struct
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CORPUS = os.path.join(ROOT, "fuzz", "corpus")
+VECTORS = json.load(open(os.path.join(ROOT, "protocol", "tests", "vectors", "knock_v1.json")))["vectors"]
+SPA_PORT = 62201
+
+
+def write(target, name, data):
+    d = os.path.join(CORPUS, target)
+    os.makedirs(d, exist_ok=True)
+    if isinstance(data, str):
+        data = data.encode()
+    with open(os.path.join(d, "seed-" + name), "wb") as f:
+        f.write(data)
+
+
+def checksum(data):
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def udp(payload, sport=40000, dport=SPA_PORT):
+    return struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+
+
+def ipv4(payload, src=(192, 0, 2, 10), dst=(198, 51, 100, 1), options=b""):
+    ihl = 5 + len(options) // 4
+    hdr = struct.pack("!BBHHHBBH4B4B", 0x40 | ihl, 0, 4 * ihl + len(payload), 0x1234, 0x4000,
+                      64, 17, 0, *src, *dst) + options
+    hdr = hdr[:10] + struct.pack("!H", checksum(hdr)) + hdr[12:]
+    return hdr + payload
+
+
+def ipv6(payload, src="fd00000000000000000000000000000a", dst="fd000000000000000000000000000001"):
+    return (struct.pack("!IHBB", 6 << 28, len(payload), 17, 64)
+            + bytes.fromhex(src) + bytes.fromhex(dst) + payload)
+
+
+datagrams = [bytes.fromhex(v["datagram"]) for v in VECTORS]
+
+# spa_open: the three known-answer knocks (each opens and verifies under its own vector's keys).
+for i, d in enumerate(datagrams):
+    write("spa_open", "kat%d" % i, d)
+
+# capture_ip: knocks as sniff mode captures them (starting at the IP header).
+write("capture_ip", "v4-kat0", ipv4(udp(datagrams[0])))
+write("capture_ip", "v4-options-kat2", ipv4(udp(datagrams[2]), options=b"\x01\x01\x01\x00"))
+write("capture_ip", "v6-kat1", ipv6(udp(datagrams[1])))
+write("capture_ip", "v4-other-port", ipv4(udp(b"hello", dport=53)))
+write("capture_ip", "v6-empty-payload", ipv6(udp(b"")))
+
+# gateway_config: the README's full example and the smallest valid shapes.
+write("gateway_config", "readme", """key_file = "/etc/postern/gateway.key"
+capture = "sniff"            # or "udp" (a bound socket on spa_port)
+interface = "any"            # sniff mode: interface name or "any"
+spa_port = 62201
+listen = "::"                # udp mode bind address
+controller_socket = "/run/postern/controller.sock"
+audit_log = "-"              # "-" = stdout, else a file (appended, one JSON line per decision)
+max_skew_secs = 30
+pinhole_secs = 30            # knock window: new connections admitted
+session_secs = 3600          # admitted flows live this long
+table = "postern"
+open_ports = []              # left reachable without a knock, e.g. ["tcp/22"]
+""")
+write("gateway_config", "minimal", 'key_file = "/root"\ncontroller_socket = "/run/c.sock"\n')
+write("gateway_config", "udp", 'key_file = "/root"\ncontroller_socket = "/run/c.sock"\n'
+      'capture = "udp"\nlisten = "192.0.2.1"\nspa_port = 4000\naudit_log = "/var/log/postern/audit.log"\n'
+      'open_ports = ["tcp/22", "udp/53"]\ninterface = "eth0"\ntable = "postern_test-1"\n')
+
+# sync_messages: request lines, reply lines and a snapshot with the vectors' devices.
+devices = [{"id": v["device_id"], "name": "dev%d" % i, "user": "alice" if i else "bob",
+            "public_key": v["device_public"], "revoked": i == 2} for i, v in enumerate(VECTORS)]
+snapshot = {"revision": 7, "devices": devices,
+            "apps": [{"name": "ssh", "protocol": "tcp", "port": 22},
+                     {"name": "dns", "protocol": "udp", "port": 53}],
+            "grants": [{"app": "ssh", "user": "alice"}, {"app": "dns", "user": "bob"}]}
+write("sync_messages", "request", '{"after_revision": 4}')
+write("sync_messages", "request-empty", "{}")
+write("sync_messages", "request-null", '{"after_revision":null}')
+write("sync_messages", "snapshot", json.dumps(snapshot))
+write("sync_messages", "reply-snapshot", json.dumps({"snapshot": snapshot}))
+write("sync_messages", "reply-error", '{"error":"too many connections"}')
+
+# key_text: every key type's text form, as printed by the tools.
+b64 = lambda b: base64.b64encode(b).decode()
+v = VECTORS[0]
+write("key_text", "device-public", v["device_public"])
+write("key_text", "gateway-public", v["gateway_public"] + "\n")
+write("key_text", "device-secret", "postern-device-secret:v1:" + b64(bytes.fromhex(v["device_seed"])))
+write("key_text", "gateway-secret", "postern-gateway-secret:v1:" + b64(bytes.fromhex(v["gateway_secret"])) + "\n")
+write("key_text", "device-id", v["device_id"])

@@ -1,0 +1,205 @@
+//! The bodies of the fuzz targets, one plain function per target.
+//!
+//! This file is compiled twice, verbatim: by each `fuzz/fuzz_targets/<target>.rs` (through
+//! `#[path]`) and by the normal suite's corpus replay test (`tests/tests/fuzz_corpus.rs`),
+//! so the regression test runs exactly the code the fuzzer ran. It may use only crates both
+//! sides depend on: `postern-protocol`, `postern-gateway`, `postern-controller`, `serde_json`.
+//!
+//! Owns: what each target feeds its input to and the properties it asserts (beyond "no
+//! panic"). Must not touch: files, sockets, the clock or randomness (targets are pure, so a
+//! crash replays deterministically).
+
+use std::path::Path;
+use std::sync::OnceLock;
+
+use postern_controller::sync::{SyncRequest, SyncResponse};
+use postern_gateway::capture::ip::{spa_datagram, ETH_P_IP, ETH_P_IPV6};
+use postern_gateway::config::Config;
+use postern_gateway::registry::RegistryView;
+use postern_protocol::keys::{
+    DeviceId, DevicePublicKey, DeviceSigningKey, GatewayKeyId, GatewayPublicKey, GatewaySecret,
+};
+use postern_protocol::packet::{self, OpenError};
+use postern_protocol::snapshot::Snapshot;
+
+/// A target body: takes one input, panics on a bug.
+pub type Target = fn(&[u8]);
+
+/// Every target by name, as `cargo fuzz` and `fuzz/corpus/<name>/` know it.
+pub const TARGETS: [(&str, Target); 5] = [
+    ("spa_open", spa_open),
+    ("capture_ip", capture_ip),
+    ("gateway_config", gateway_config),
+    ("sync_messages", sync_messages),
+    ("key_text", key_text),
+];
+
+/// The SPA port sniff mode looks for in `capture_ip`.
+pub const SPA_PORT: u16 = 62201;
+
+/// (gateway secret, device seed, knock timestamp) of the three known-answer vectors in
+/// `protocol/tests/vectors/knock_v1.json`: the corpus holds their datagrams, so the fuzzer
+/// starts from knocks that pass precheck, decrypt and verify under these keys.
+const KAT: [([u8; 32], [u8; 32], u64); 3] = [
+    (seq(0x20), seq(0x00), 1_767_225_600_000),
+    (seq(0xa0), seq(0x80), 1_767_225_612_345),
+    (seq(0x25), seq(0x05), 0),
+];
+
+const fn seq(start: u8) -> [u8; 32] {
+    let mut a = [0u8; 32];
+    let mut i = 0;
+    while i < 32 {
+        a[i] = start.wrapping_add(i as u8);
+        i += 1;
+    }
+    a
+}
+
+struct KatKeys {
+    gateway: GatewaySecret,
+    key_id: GatewayKeyId,
+    device: DevicePublicKey,
+    device_id: DeviceId,
+    now_ms: u64,
+}
+
+fn kat_keys() -> &'static [KatKeys] {
+    static KEYS: OnceLock<Vec<KatKeys>> = OnceLock::new();
+    KEYS.get_or_init(|| {
+        KAT.iter()
+            .map(|(gw, dev, now_ms)| {
+                let gateway = GatewaySecret::from_bytes(*gw);
+                let device = DeviceSigningKey::from_seed(*dev).public_key();
+                KatKeys {
+                    key_id: gateway.public_key().key_id(),
+                    gateway,
+                    device_id: device.device_id(),
+                    device,
+                    now_ms: *now_ms,
+                }
+            })
+            .collect()
+    })
+}
+
+/// The gateway's SPA path in the pipeline's order: precheck (cheap, before any crypto),
+/// open (X25519, HKDF, AEAD, strict parsing), device lookup, freshness, signature.
+pub fn spa_open(data: &[u8]) {
+    for kat in kat_keys() {
+        let pre = packet::precheck(data, kat.key_id);
+        let opened = packet::open(data, &kat.gateway);
+        match (&pre, &opened) {
+            // open runs precheck first, so it can never get further than precheck allows.
+            (Err(p), Err(o)) => assert_eq!(p, o, "open and precheck disagree"),
+            (Err(p), Ok(_)) => panic!("open accepted a datagram precheck refused ({p})"),
+            (Ok(()), _) => {}
+        }
+        let Ok(opened) = opened else { continue };
+        assert!(
+            (packet::MIN_KNOCK_LEN..=packet::MAX_KNOCK_LEN).contains(&data.len()),
+            "opened a {}-byte datagram",
+            data.len()
+        );
+        let knock = &opened.knock;
+        assert!(!knock.app.is_empty() && knock.app.len() <= packet::MAX_APP_LEN);
+        assert!(knock.flags != 0 && knock.flags & !packet::flags::ALL == 0);
+        let _ = packet::check_freshness(knock.timestamp_ms, kat.now_ms, 30_000);
+        if opened.device() == kat.device_id {
+            let _ = opened.verify(&kat.device);
+        } else {
+            // Any other key must be refused (the id does not match it).
+            assert_eq!(
+                opened.verify(&kat.device).err(),
+                Some(OpenError::BadSignature)
+            );
+        }
+    }
+}
+
+/// Sniff mode's IPv4/IPv6/UDP header walk on an arbitrary captured packet.
+pub fn capture_ip(data: &[u8]) {
+    for ethertype in [ETH_P_IP, ETH_P_IPV6] {
+        if let Some(d) = spa_datagram(data, ethertype, SPA_PORT) {
+            assert!(d.payload.start <= d.payload.end && d.payload.end <= data.len());
+            // The payload sits behind at least an IP header and a UDP header.
+            assert!(
+                d.payload.start >= 20 + 8,
+                "payload starts at {}",
+                d.payload.start
+            );
+        }
+    }
+}
+
+/// The gateway's TOML configuration parser and validator: every error is one line.
+pub fn gateway_config(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Err(e) = Config::parse(text, Path::new("fuzz.toml")) {
+        let line = e.to_string();
+        assert!(!line.contains('\n'), "multi-line error: {line:?}");
+        assert!(
+            line.starts_with("config fuzz.toml: "),
+            "unnamed file: {line:?}"
+        );
+    }
+}
+
+/// Both sides of the controller sync protocol (the control channel): the request line the
+/// controller parses, the reply line the gateway parses, and the snapshot the gateway
+/// indexes. Whatever parses must survive a serialize/parse round trip unchanged.
+pub fn sync_messages(data: &[u8]) {
+    if let Ok(req) = SyncRequest::parse(data) {
+        let again = serde_json::to_vec(&req).expect("a parsed request serializes");
+        let back: SyncRequest = serde_json::from_slice(&again).expect("round trip parses");
+        assert_eq!(back, req);
+    }
+    if let Ok(resp) = serde_json::from_slice::<SyncResponse>(data) {
+        let again = serde_json::to_vec(&resp).expect("a parsed response serializes");
+        let back: SyncResponse = serde_json::from_slice(&again).expect("round trip parses");
+        assert_eq!(back, resp);
+        if let SyncResponse::Snapshot(s) = &resp {
+            index(s);
+        }
+    }
+    if let Ok(snapshot) = serde_json::from_slice::<Snapshot>(data) {
+        index(&snapshot);
+    }
+}
+
+fn index(snapshot: &Snapshot) {
+    let (view, warnings) = RegistryView::from_snapshot(snapshot);
+    // Every device is either indexed or explained by a warning (duplicates collapse).
+    assert!(view.device_count() + warnings.len() <= snapshot.devices.len());
+    assert!(view.device_count() <= snapshot.devices.len());
+    for w in &warnings {
+        assert!(!w.is_empty());
+    }
+}
+
+/// The text forms of every key type (key files, CLI flags, snapshots): whatever parses
+/// prints back to a text that parses to the same key.
+pub fn key_text(data: &[u8]) {
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(k) = DevicePublicKey::from_text(s) {
+        assert_eq!(DevicePublicKey::from_text(&k.to_text()).ok(), Some(k));
+    }
+    if let Ok(k) = DeviceSigningKey::from_text(s) {
+        let back = DeviceSigningKey::from_text(&k.to_text()).expect("printed key parses");
+        assert_eq!(back.public_key(), k.public_key());
+    }
+    if let Ok(k) = GatewayPublicKey::from_text(s) {
+        assert_eq!(GatewayPublicKey::from_text(&k.to_text()).ok(), Some(k));
+    }
+    if let Ok(k) = GatewaySecret::from_text(s) {
+        let back = GatewaySecret::from_text(&k.to_text()).expect("printed key parses");
+        assert_eq!(back.public_key(), k.public_key());
+    }
+    if let Ok(id) = s.parse::<DeviceId>() {
+        assert_eq!(id.to_string().parse::<DeviceId>().ok(), Some(id));
+    }
+}
