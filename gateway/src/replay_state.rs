@@ -468,7 +468,12 @@ impl Journal {
             .name("replay-sync".into())
             .spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
-                    std::thread::sleep(SYNC_EVERY);
+                    // Parked, not slept: `stop_syncer` unparks it, so a clean stop (which
+                    // closes the doors right after) never waits out the sync interval.
+                    std::thread::park_timeout(SYNC_EVERY);
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
                     let want = pending.load(Ordering::SeqCst);
                     if want > durable.load(Ordering::SeqCst) {
                         match file.sync_data() {
@@ -487,6 +492,7 @@ impl Journal {
     fn stop_syncer(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(h) = self.syncer.take() {
+            h.thread().unpark();
             let _ = h.join();
         }
     }
