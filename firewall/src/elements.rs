@@ -15,14 +15,31 @@ use crate::{
     AppProto,
 };
 
-/// Key of a session element (`type mark`).
-pub(crate) fn session_key(mark: u32) -> Vec<u8> {
-    mark.to_ne_bytes().to_vec()
+/// The top byte every Postern conntrack mark carries. Marks are shared with the rest of
+/// the host (wg-quick, policy routing): the ruleset and the conntrack cleanup only ever
+/// act on marks with this tag, so a flow the host marked for its own reasons is neither
+/// dropped nor deleted as if it were a Postern session.
+pub const MARK_TAG: u32 = 0x5000_0000;
+/// The bits of a mark that hold the tag; the other 24 hold the session id.
+pub const MARK_TAG_MASK: u32 = 0xff00_0000;
+/// The largest session id (24 bits).
+pub const MAX_SESSION_ID: u32 = !MARK_TAG_MASK;
+
+/// The conntrack mark of session `id` (1..=MAX_SESSION_ID).
+pub(crate) fn ct_mark(id: u32) -> u32 {
+    MARK_TAG | (id & MAX_SESSION_ID)
 }
 
-/// Decodes a `type mark` key or map datum.
+/// Key of a session element (`type mark`): the tagged mark, host byte order.
+pub(crate) fn session_key(id: u32) -> Vec<u8> {
+    ct_mark(id).to_ne_bytes().to_vec()
+}
+
+/// Decodes a `type mark` key or map datum back to the session id; `None` for a mark
+/// without Postern's tag.
 pub(crate) fn decode_mark(bytes: &[u8]) -> Option<u32> {
-    Some(u32::from_ne_bytes(bytes.get(..4)?.try_into().ok()?))
+    let mark = u32::from_ne_bytes(bytes.get(..4)?.try_into().ok()?);
+    (mark & MARK_TAG_MASK == MARK_TAG).then_some(mark & MAX_SESSION_ID)
 }
 
 /// The map a pinhole lives in and its key.
@@ -141,7 +158,10 @@ mod tests {
 
     #[test]
     fn mark_is_host_order() {
-        assert_eq!(decode_mark(&session_key(0x0102_0304)), Some(0x0102_0304));
-        assert_eq!(session_key(7), 7u32.to_ne_bytes());
+        assert_eq!(decode_mark(&session_key(0x0002_0304)), Some(0x0002_0304));
+        assert_eq!(session_key(7), 0x5000_0007u32.to_ne_bytes());
+        // A mark the host set for its own reasons is not a session.
+        assert_eq!(decode_mark(&0x0000_0007u32.to_ne_bytes()), None);
+        assert_eq!(decode_mark(&0x5100_0007u32.to_ne_bytes()), None);
     }
 }

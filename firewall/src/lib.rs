@@ -50,6 +50,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::elements::{MARK_TAG, MARK_TAG_MASK, MAX_SESSION_ID};
 pub use crate::error::{errno_name, FirewallError};
 use crate::{
     netlink::{ElemOp, NfSocket},
@@ -112,7 +113,8 @@ impl FromStr for AppProto {
     }
 }
 
-/// A session id; nonzero; used as the conntrack mark of the session's flows.
+/// A session id, 1..=[`MAX_SESSION_ID`] (24 bits): the conntrack mark of the session's
+/// flows is the id with Postern's tag ([`MARK_TAG`]) in the top byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct SessionId(pub u32);
@@ -277,10 +279,12 @@ impl Firewall {
         pinhole_ttl: Duration,
         session_ttl: Duration,
     ) -> Result<(), FirewallError> {
-        if p.session.0 == 0 {
-            return Err(FirewallError::Invalid(
-                "session id 0: conntrack mark 0 means \"no session\"".into(),
-            ));
+        if p.session.0 == 0 || p.session.0 > elements::MAX_SESSION_ID {
+            return Err(FirewallError::Invalid(format!(
+                "session id {}: use 1..={} (the conntrack mark's top byte is Postern's tag)",
+                p.session.0,
+                elements::MAX_SESSION_ID
+            )));
         }
         if let Some(target) = p.forward {
             check_forward(p.addr, target)?;

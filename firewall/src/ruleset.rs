@@ -72,6 +72,8 @@ pub(crate) fn check_table_name(table: &str) -> Result<(), FirewallError> {
 pub fn render(cfg: &FirewallConfig) -> Result<String, FirewallError> {
     check_table_name(&cfg.table)?;
     let t = &cfg.table;
+    // Only marks with Postern's tag are sessions; the host's own marks pass untouched.
+    let (tag, tag_mask) = (crate::MARK_TAG, crate::MARK_TAG_MASK);
     let mut open = String::new();
     for proto in [AppProto::Tcp, AppProto::Udp] {
         let ports: Vec<String> = cfg
@@ -92,7 +94,7 @@ pub fn render(cfg: &FirewallConfig) -> Result<String, FirewallError> {
         format!(
             r#"  chain fwd_snat {{
     type nat hook postrouting priority srcnat - 10; policy accept;
-    ct mark != 0 ct status dnat ct mark @{SESSIONS} masquerade comment "forward mode: the app needs no route back"
+    ct mark & {tag_mask:#010x} == {tag:#010x} ct status dnat ct mark @{SESSIONS} masquerade comment "forward mode: the app needs no route back"
   }}
 "#
         )
@@ -115,32 +117,32 @@ table inet {t} {{
   }}
   chain fwd_dnat {{
     type nat hook prerouting priority dstnat - 10; policy accept;
-    ct mark != 0 fib daddr type local dnat ip to ip saddr . meta l4proto . th dport map @{FORWARDS4}
-    ct mark != 0 fib daddr type local dnat ip6 to ip6 saddr . meta l4proto . th dport map @{FORWARDS6}
+    ct mark & {tag_mask:#010x} == {tag:#010x} fib daddr type local dnat ip to ip saddr . meta l4proto . th dport map @{FORWARDS4}
+    ct mark & {tag_mask:#010x} == {tag:#010x} fib daddr type local dnat ip6 to ip6 saddr . meta l4proto . th dport map @{FORWARDS6}
   }}
   chain forward {{
     type filter hook forward priority filter - 10; policy drop;
     ct state new tcp flags & (syn | ack) != syn drop comment "no TCP loose pickup of forwarded flows"
-    ct mark != 0 ct status dnat ct mark @{SESSIONS} accept comment "forward mode: live sessions only"
+    ct mark & {tag_mask:#010x} == {tag:#010x} ct status dnat ct mark @{SESSIONS} accept comment "forward mode: live sessions only"
     counter drop comment "nothing else is forwarded"
   }}
 {snat}  chain input {{
     type filter hook input priority filter - 10; policy drop;
     iif "lo" accept
-    ct mark != 0 ct mark @{SESSIONS} accept
-    ct mark != 0 drop comment "session gone: its flows die"
+    ct mark & {tag_mask:#010x} == {tag:#010x} ct mark @{SESSIONS} accept
+    ct mark & {tag_mask:#010x} == {tag:#010x} drop comment "session gone: its flows die"
     ct state established,related accept comment "the host's own outbound traffic"
     icmpv6 type {{ nd-router-solicit, nd-router-advert, nd-neighbor-solicit, nd-neighbor-advert, nd-redirect }} ip6 hoplimit 255 accept
     ct state invalid drop
     ct state new ct mark set ip saddr . meta l4proto . th dport map @{PINHOLES4}
     ct state new ct mark set ip6 saddr . meta l4proto . th dport map @{PINHOLES6}
-    ct mark != 0 ct mark @{SESSIONS} accept
+    ct mark & {tag_mask:#010x} == {tag:#010x} ct mark @{SESSIONS} accept
 {open}    counter drop
   }}
   chain output {{
     type filter hook output priority filter - 10; policy accept;
     oif "lo" accept
-    ct mark != 0 ct mark != @{SESSIONS} drop comment "session gone"
+    ct mark & {tag_mask:#010x} == {tag:#010x} ct mark != @{SESSIONS} drop comment "session gone"
     ct state new tcp flags & (syn | ack) != syn drop comment "no TCP loose pickup from our side"
     icmp type destination-unreachable icmp code port-unreachable drop comment "dark: a closed UDP port never answers"
     icmpv6 type destination-unreachable icmpv6 code port-unreachable drop comment "dark: a closed UDP port never answers"

@@ -18,7 +18,9 @@ use std::{
 };
 
 use common::{Lab, Netns, CLIENT4, CLIENT6, GATEWAY4, GATEWAY6};
-use postern_firewall::{AppProto, Firewall, FirewallConfig, FirewallError, Pinhole, SessionId};
+use postern_firewall::{
+    AppProto, Firewall, FirewallConfig, FirewallError, Pinhole, SessionId, MARK_TAG,
+};
 
 const T: &str = "postern";
 /// The gateway's address on the internal network.
@@ -221,7 +223,10 @@ fn assert_cut(fl: &ForwardLab, c: &mut TcpStream, s: &mut TcpStream, mark: u32, 
     expect_silence(c, "client after close_session");
     c.write_all(b"more").expect("client write is buffered");
     expect_silence(s, "app after close_session");
-    let ct = fl.lab.gateway.conntrack(&["-L", "-m", &mark.to_string()]);
+    let ct = fl
+        .lab
+        .gateway
+        .conntrack(&["-L", "-m", &(MARK_TAG | mark).to_string()]);
     assert!(
         !ct.contains(&format!("dport={APP_PORT}")),
         "no conntrack entry revived: {ct}"
@@ -262,7 +267,10 @@ fn forward_reaches_only_its_target_survives_pinhole_expiry_and_dies_with_the_ses
     // SNAT: the app sees the gateway's internal address, not the client.
     assert_eq!(peer.ip().to_string(), GW_INNER4);
     exchange(&mut c, &mut s);
-    let ct = fl.lab.gateway.conntrack(&["-L", "-m", "77"]);
+    let ct = fl
+        .lab
+        .gateway
+        .conntrack(&["-L", "-m", &(MARK_TAG | 77).to_string()]);
     assert!(
         ct.contains(&format!("dport={PUBLIC_PORT}")) && ct.contains(&format!("sport={APP_PORT}")),
         "a DNATed conntrack entry marked 77: {ct}"

@@ -14,7 +14,7 @@ use std::{
 
 use common::{Lab, Netns, CLIENT4, CLIENT6, GATEWAY4, GATEWAY6};
 use postern_firewall::{
-    AppProto, Firewall, FirewallConfig, FirewallError, LivePinhole, Pinhole, SessionId,
+    AppProto, Firewall, FirewallConfig, FirewallError, LivePinhole, Pinhole, SessionId, MARK_TAG,
 };
 
 const T: &str = "postern";
@@ -131,11 +131,11 @@ fn open_adds_elements_with_timeout_and_mark() {
     assert_eq!(e[0]["elem"]["timeout"], 30);
     let exp = e[0]["elem"]["expires"].as_u64().expect("expires");
     assert!((28..=30).contains(&exp), "expires {exp}");
-    assert_eq!(e[1], 7, "mark");
+    assert_eq!(e[1], MARK_TAG | 7, "mark: session 7 with Postern's tag");
 
     let sessions = ns.elems("set", T, "sessions");
     assert_eq!(sessions.len(), 1, "{sessions:?}");
-    assert_eq!(sessions[0]["elem"]["val"], 7);
+    assert_eq!(sessions[0]["elem"]["val"], MARK_TAG | 7);
     assert_eq!(sessions[0]["elem"]["timeout"], 3600);
 
     let live = fw.list().expect("list");
@@ -241,7 +241,7 @@ fn ipv6_pinhole() {
         elems[0][0]["elem"]["val"]["concat"],
         serde_json::json!(["fd00::5", "udp", 53])
     );
-    assert_eq!(elems[0][1], 99);
+    assert_eq!(elems[0][1], MARK_TAG | 99);
     assert!(ns.elems("map", T, "pinholes4").is_empty());
     let live = fw.list().expect("list");
     assert_eq!(
@@ -384,8 +384,13 @@ fn tcp_flow_lives_and_dies_with_its_session() {
     let (mut s, peer) = listener.accept().expect("accept");
     assert_eq!(peer.ip().to_string(), CLIENT4);
     exchange(&mut c, &mut s);
-    let ct = lab.gateway.conntrack(&["-L", "-m", "42"]);
-    assert!(ct.contains("dport=8080"), "conntrack entry marked 42: {ct}");
+    let ct = lab
+        .gateway
+        .conntrack(&["-L", "-m", &(MARK_TAG | 42).to_string()]);
+    assert!(
+        ct.contains("dport=8080"),
+        "conntrack entry of session 42: {ct}"
+    );
 
     let t = Instant::now();
     fw.close_session(SessionId(42)).expect("close");
@@ -397,7 +402,9 @@ fn tcp_flow_lives_and_dies_with_its_session() {
     expect_silence(&mut c, "client after close");
     c.write_all(b"more").expect("client write is buffered");
     expect_silence(&mut s, "server after close");
-    let ct = lab.gateway.conntrack(&["-L", "-m", "42"]);
+    let ct = lab
+        .gateway
+        .conntrack(&["-L", "-m", &(MARK_TAG | 42).to_string()]);
     assert!(
         !ct.contains("dport=8080"),
         "no conntrack entry revived: {ct}"
@@ -453,6 +460,66 @@ fn ipv6_tcp_with_neighbour_discovery_and_host_outbound_unaffected() {
     let text = lab.gateway.nft(&["list", "table", "inet", T]);
     assert!(text.contains("policy drop"), "{text}");
     connect(&lab, to).expect_err("dark after flush");
+}
+
+/// The host marks some of its own flows (wg-quick, policy routing): such a flow must keep
+/// working beside Postern, and a session's conntrack cleanup must not delete it. Only
+/// marks with Postern's tag are sessions. (Before the tag, `ct mark != 0` dropped it.)
+#[test]
+fn host_flows_with_their_own_marks_are_left_alone() {
+    let lab = Lab::new();
+    let outside = lab
+        .client
+        .run(|| TcpListener::bind("0.0.0.0:9001"))
+        .expect("listen outside");
+    // Another table of the host marks every new outbound connection, as wg-quick does.
+    lab.gateway.nft(&["add table inet hostmarks"]);
+    lab.gateway.nft(&[
+        "add chain inet hostmarks out { type filter hook output priority mangle; policy accept; }",
+    ]);
+    lab.gateway
+        .nft(&["add rule inet hostmarks out ct state new ct mark set 0x2a"]);
+    let mut fw = install(&lab.gateway, cfg());
+    let addr: SocketAddr = format!("{CLIENT4}:9001").parse().expect("addr");
+    let mut out = lab
+        .gateway
+        .run(move || TcpStream::connect_timeout(&addr, secs(2)))
+        .expect("a host flow with its own mark connects through the dark ruleset");
+    let (mut inner, _) = outside.accept().expect("accept outside");
+    exchange(&mut out, &mut inner);
+    let ct = lab.gateway.conntrack(&["-L", "-m", "42"]);
+    assert!(
+        ct.contains("dport=9001"),
+        "the host's flow carries mark 42: {ct}"
+    );
+
+    // A Postern session whose id equals the host's mark value: closing it must delete
+    // only the tagged entries, not the host's flow.
+    fw.open(&pin(CLIENT4, AppProto::Tcp, 8080, 42), secs(30), secs(60))
+        .expect("open");
+    fw.close_session(SessionId(42)).expect("close");
+    let ct = lab.gateway.conntrack(&["-L", "-m", "42"]);
+    assert!(
+        ct.contains("dport=9001"),
+        "the host's flow survived the cleanup: {ct}"
+    );
+    exchange(&mut out, &mut inner);
+    fw.flush().expect("flush");
+    exchange(&mut out, &mut inner);
+}
+
+#[test]
+fn session_ids_outside_24_bits_are_refused() {
+    let ns = Netns::new();
+    let mut fw = install(&ns, cfg());
+    let err = fw
+        .open(
+            &pin(CLIENT4, AppProto::Tcp, 8080, 0x0100_0000),
+            secs(30),
+            secs(60),
+        )
+        .expect_err("a 25-bit id would collide with the tag byte");
+    assert!(matches!(err, FirewallError::Invalid(_)), "{err}");
 }
 
 #[test]

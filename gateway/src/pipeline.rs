@@ -112,7 +112,8 @@ impl SessionTable {
             }
         }
         let id = loop {
-            let candidate = new_id();
+            // Session ids are 24 bits: the conntrack mark's top byte is Postern's tag.
+            let candidate = new_id() & postern_firewall::MAX_SESSION_ID;
             if candidate != 0 && !self.by_id.contains_key(&candidate) {
                 break candidate;
             }
