@@ -299,8 +299,8 @@ fn craft(
 }
 
 /// Knock with the real client over the scenario's family, then connect every ~3 ms from the
-/// client namespace. Returns the established stream and the time from the knock command's
-/// return to the connection.
+/// client namespace. Returns the established stream, the time from starting the knock
+/// command to the connection, the instant the knock command returned, and the attempts.
 fn knock_and_connect(s: &Setup, dev: &Device) -> (TcpStream, Duration, Instant, u32) {
     let addr = s.app_addr();
     let gw_ip = s.gw_ip();
@@ -317,7 +317,9 @@ fn knock_and_connect(s: &Setup, dev: &Device) -> (TcpStream, Duration, Instant, 
         loop {
             attempts += 1;
             match TcpStream::connect_timeout(&addr, Duration::from_millis(3)) {
-                Ok(stream) => return (stream, knocked.elapsed(), knocked, attempts),
+                // Timed from before the client process started (its start-up and
+                // exit included), so the gateway gets no head start in the figure.
+                Ok(stream) => return (stream, started.elapsed(), knocked, attempts),
                 Err(_) if knocked.elapsed() < Duration::from_secs(2) => {}
                 Err(e) => panic!(
                     "no TCP connection to {addr} within 2 s of the knock \
@@ -565,7 +567,7 @@ fn clean_stop_closes_every_door(mode: Capture, v6: bool) {
     let mut s = Setup::new(mode, v6, |ctl| {
         dev.enroll(ctl, USER);
     });
-    let (mut stream, _, _, _) = knock_and_connect(&s, &dev);
+    let (mut stream, _, knocked, _) = knock_and_connect(&s, &dev);
     echo_roundtrip(&mut stream, b"before stop", Duration::from_secs(1)).expect("echo");
     s.assert_pinhole_in_family_map();
 
@@ -595,6 +597,15 @@ fn clean_stop_closes_every_door(mode: Capture, v6: bool) {
     if echo_roundtrip(&mut stream, b"after stop", Duration::from_millis(700)).is_ok() {
         panic!("established flow still carries data after the gateway stopped");
     }
+    // The checks above prove the stop closed the doors only if the kernel's timeouts had
+    // not closed them already: they must all have run inside the pinhole's window.
+    let pinhole = Duration::from_secs(s.gw.options.pinhole_secs);
+    assert!(
+        knocked.elapsed() < pinhole,
+        "the stop checks ended {:?} after the knock, past the {pinhole:?} pinhole: they \
+         would pass even if the stop closed nothing",
+        knocked.elapsed()
+    );
 }
 
 /// SIGKILL (a crash): no stop code runs, yet no door outlives its kernel timeout; and a
