@@ -107,3 +107,8 @@ write("key_text", "gateway-public", v["gateway_public"] + "\n")
 write("key_text", "device-secret", "postern-device-secret:v1:" + b64(bytes.fromhex(v["device_seed"])))
 write("key_text", "gateway-secret", "postern-gateway-secret:v1:" + b64(bytes.fromhex(v["gateway_secret"])) + "\n")
 write("key_text", "device-id", v["device_id"])
+
+# policy_file: the full example of docs/policy.md (the first ```toml block).
+doc = open(os.path.join(ROOT, "docs", "policy.md")).read()
+start = doc.index("```toml\n") + len("```toml\n")
+write("policy_file", "docs-example", doc[start:doc.index("```", start)])

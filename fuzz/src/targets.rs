@@ -3,7 +3,8 @@
 //! This file is compiled twice, verbatim: by each `fuzz/fuzz_targets/<target>.rs` (through
 //! `#[path]`) and by the normal suite's corpus replay test (`tests/tests/fuzz_corpus.rs`),
 //! so the regression test runs exactly the code the fuzzer ran. It may use only crates both
-//! sides depend on: `postern-protocol`, `postern-gateway`, `postern-controller`, `serde_json`.
+//! sides depend on: `postern-protocol`, `postern-gateway`, `postern-controller`,
+//! `postern-policy`, `serde_json`.
 //!
 //! Owns: what each target feeds its input to and the properties it asserts (beyond "no
 //! panic"). Must not touch: files, sockets, the clock or randomness (targets are pure, so a
@@ -26,12 +27,13 @@ use postern_protocol::snapshot::Snapshot;
 pub type Target = fn(&[u8]);
 
 /// Every target by name, as `cargo fuzz` and `fuzz/corpus/<name>/` know it.
-pub const TARGETS: [(&str, Target); 5] = [
+pub const TARGETS: [(&str, Target); 6] = [
     ("spa_open", spa_open),
     ("capture_ip", capture_ip),
     ("gateway_config", gateway_config),
     ("sync_messages", sync_messages),
     ("key_text", key_text),
+    ("policy_file", policy_file),
 ];
 
 /// The SPA port sniff mode looks for in `capture_ip`.
@@ -201,5 +203,62 @@ pub fn key_text(data: &[u8]) {
     }
     if let Ok(id) = s.parse::<DeviceId>() {
         assert_eq!(id.to_string().parse::<DeviceId>().ok(), Some(id));
+    }
+}
+
+/// The policy file parser, and the engine on whatever parses: every error is one line
+/// naming where; every app the file names gets a decision whose explanation lists every
+/// rule; a policy diffed against itself is empty.
+pub fn policy_file(data: &[u8]) {
+    use postern_policy::{Decision, Device, Posture, Request, Timestamp};
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let policy = match postern_policy::parse(text) {
+        Ok(p) => p,
+        Err(e) => {
+            let line = e.to_string();
+            assert!(!line.contains('\n'), "multi-line error: {line:?}");
+            assert!(line.starts_with("policy "), "unnamed error: {line:?}");
+            return;
+        }
+    };
+    assert!(postern_policy::diff(&policy, &policy).is_empty());
+    let device = Device {
+        id: "fuzz".into(),
+        user: "alice".into(),
+        groups: vec!["eng".into(), "ops".into()],
+        revoked: false,
+        disabled: false,
+        risk: 50,
+        last_mfa: Timestamp::from_second(1_781_500_000).ok(),
+        posture: Posture::Unknown,
+    };
+    let now = Timestamp::from_second(1_781_524_800).unwrap_or(Timestamp::UNIX_EPOCH);
+    let apps: Vec<&str> = policy
+        .rules
+        .iter()
+        .flat_map(|r| r.apps.iter().map(String::as_str))
+        .take(16)
+        .collect();
+    for app in apps {
+        for source in [
+            None,
+            Some("10.1.2.3".parse().ok()),
+            Some("2001:db8::1".parse().ok()),
+        ] {
+            let req = Request {
+                device: &device,
+                app,
+                source: source.flatten(),
+                now,
+            };
+            let e = postern_policy::explain(&policy, &req);
+            assert_eq!(e.steps.len(), 1 + policy.rules.len(), "{e}");
+            assert_eq!(postern_policy::decide(&policy, &req), e.decision);
+            if let Decision::Allow(g) = &e.decision {
+                assert!(g.expires_at >= now, "{e}");
+            }
+        }
     }
 }

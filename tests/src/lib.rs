@@ -8,6 +8,7 @@
 //! namespaces, or any crate's source (it drives the binaries and uses `postern_protocol`
 //! only to craft packets).
 
+pub mod burst;
 pub mod fixtures;
 pub mod forward_lab;
 pub mod lab;

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use postern_e2e::burst;
 use postern_e2e::lab::CLIENT_IF;
 use postern_e2e::netns::spawn_in_thread;
 use postern_e2e::{
@@ -37,47 +38,6 @@ const KNOCK_EVERY: Duration = Duration::from_millis(80);
 
 /// The two flood tests must not run at the same time: each needs both cores.
 static ONE_FLOOD_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-/// `sendmmsg(2)` batches: the only unsafe code of this test.
-mod burst {
-    #![allow(unsafe_code)]
-
-    use std::os::fd::AsRawFd;
-
-    /// Sends every buffer in `batch` as one datagram on the connected `sock` with a single
-    /// `sendmmsg` call; returns how many the kernel took (0 on a transient error).
-    pub fn send_batch(sock: &std::net::UdpSocket, batch: &mut [Vec<u8>]) -> usize {
-        let mut iovs: Vec<libc::iovec> = batch
-            .iter_mut()
-            .map(|b| libc::iovec {
-                iov_base: b.as_mut_ptr().cast(),
-                iov_len: b.len(),
-            })
-            .collect();
-        // SAFETY: mmsghdr is plain old data; all-zero is a valid value (no name, no control).
-        let mut msgs: Vec<libc::mmsghdr> = iovs
-            .iter_mut()
-            .map(|iov| {
-                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                m.msg_hdr.msg_iov = iov as *mut libc::iovec;
-                m.msg_hdr.msg_iovlen = 1;
-                m
-            })
-            .collect();
-        // SAFETY: `msgs` holds `msgs.len()` valid headers, each pointing at one iovec in
-        // `iovs`, which points into a live buffer of `batch`; all outlive the call, and the
-        // kernel only reads them. The socket is connected, so no address is needed.
-        let n = unsafe {
-            libc::sendmmsg(
-                sock.as_raw_fd(),
-                msgs.as_mut_ptr(),
-                msgs.len() as libc::c_uint,
-                0,
-            )
-        };
-        usize::try_from(n).unwrap_or(0)
-    }
-}
 
 /// xorshift64*: cheap garbage.
 struct Rng(u64);

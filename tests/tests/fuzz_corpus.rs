@@ -118,6 +118,11 @@ fn key_text_corpus() {
     replay("key_text");
 }
 
+#[test]
+fn policy_file_corpus() {
+    replay("policy_file");
+}
+
 /// The seeds are real, valid inputs: each known-answer knock opens and verifies under its
 /// vector's keys, so the fuzzer (and this replay) reach past the AEAD.
 #[test]
