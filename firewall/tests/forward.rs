@@ -10,14 +10,14 @@
 mod common;
 
 use std::{
-    io::{ErrorKind, Read, Write},
+    io::{ErrorKind, Write},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     process::Command,
     thread::sleep,
     time::{Duration, Instant},
 };
 
-use common::{Lab, Netns, CLIENT4, CLIENT6, GATEWAY4, GATEWAY6};
+use common::{exchange, expect_silence, secs, Lab, Netns, CLIENT4, CLIENT6, GATEWAY4, GATEWAY6};
 use postern_firewall::{
     AppProto, Firewall, FirewallConfig, FirewallError, Pinhole, SessionId, MARK_TAG,
 };
@@ -136,10 +136,6 @@ impl ForwardLab {
     }
 }
 
-fn secs(s: u64) -> Duration {
-    Duration::from_secs(s)
-}
-
 fn sa(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse::<IpAddr>().expect("ip"), port)
 }
@@ -192,28 +188,6 @@ fn assert_no_accept(l: &TcpListener, what: &str) {
         Err(e) if e.kind() == ErrorKind::WouldBlock => {}
         other => panic!("{what}: the internal listener saw {other:?}"),
     }
-}
-
-fn expect_silence(s: &mut TcpStream, what: &str) {
-    s.set_read_timeout(Some(Duration::from_millis(600)))
-        .expect("timeout");
-    let mut buf = [0u8; 64];
-    match s.read(&mut buf) {
-        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-        other => panic!("{what}: expected no data, got {other:?}"),
-    }
-}
-
-fn exchange(c: &mut TcpStream, s: &mut TcpStream) {
-    let mut buf = [0u8; 4];
-    c.write_all(b"ping").expect("client write");
-    s.set_read_timeout(Some(secs(2))).expect("timeout");
-    s.read_exact(&mut buf).expect("app read");
-    assert_eq!(&buf, b"ping");
-    s.write_all(b"pong").expect("app write");
-    c.set_read_timeout(Some(secs(2))).expect("timeout");
-    c.read_exact(&mut buf).expect("client read");
-    assert_eq!(&buf, b"pong");
 }
 
 /// Revocation cuts a forwarded flow both ways; a late reply from the app side

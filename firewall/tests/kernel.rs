@@ -6,13 +6,13 @@
 mod common;
 
 use std::{
-    io::{ErrorKind, Read, Write},
+    io::{ErrorKind, Write},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     thread::sleep,
     time::{Duration, Instant},
 };
 
-use common::{Lab, Netns, CLIENT4, CLIENT6, GATEWAY4, GATEWAY6};
+use common::{exchange, expect_silence, secs, Lab, Netns, CLIENT4, CLIENT6, GATEWAY4, GATEWAY6};
 use postern_firewall::{
     AppProto, Firewall, FirewallConfig, FirewallError, LivePinhole, Pinhole, SessionId, MARK_TAG,
 };
@@ -35,10 +35,6 @@ fn pin(addr: &str, proto: AppProto, port: u16, session: u32) -> Pinhole {
         session: SessionId(session),
         forward: None,
     }
-}
-
-fn secs(s: u64) -> Duration {
-    Duration::from_secs(s)
 }
 
 fn find<'a>(live: &'a [LivePinhole], addr: &str, port: u16) -> Option<&'a LivePinhole> {
@@ -326,28 +322,6 @@ fn connect(lab: &Lab, to: SocketAddr) -> std::io::Result<TcpStream> {
 fn connect_ok(lab: &Lab, to: SocketAddr) -> std::io::Result<TcpStream> {
     lab.client
         .run(move || TcpStream::connect_timeout(&to, secs(2)))
-}
-
-fn expect_silence(s: &mut TcpStream, what: &str) {
-    s.set_read_timeout(Some(Duration::from_millis(600)))
-        .expect("timeout");
-    let mut buf = [0u8; 64];
-    match s.read(&mut buf) {
-        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-        other => panic!("{what}: expected no data, got {other:?}"),
-    }
-}
-
-fn exchange(c: &mut TcpStream, s: &mut TcpStream) {
-    let mut buf = [0u8; 4];
-    c.write_all(b"ping").expect("client write");
-    s.set_read_timeout(Some(secs(2))).expect("timeout");
-    s.read_exact(&mut buf).expect("server read");
-    assert_eq!(&buf, b"ping");
-    s.write_all(b"pong").expect("server write");
-    c.set_read_timeout(Some(secs(2))).expect("timeout");
-    c.read_exact(&mut buf).expect("client read");
-    assert_eq!(&buf, b"pong");
 }
 
 #[test]

@@ -217,6 +217,42 @@ impl InProcessDevice {
     }
 }
 
+/// A sealed, signed knock for `app` at `timestamp_ms`, claiming (and signing) the source
+/// address `claimed` as the real client does, with a fresh random nonce and ephemeral key.
+/// The one place the lab builds knocks in-process (tests that send exact bytes: replays,
+/// tampering, old timestamps, floods, benchmarks).
+pub fn seal_knock(
+    key: &DeviceSigningKey,
+    gateway: &GatewayPublicKey,
+    app: &str,
+    timestamp_ms: u64,
+    claimed: IpAddr,
+) -> Vec<u8> {
+    use postern_protocol::packet::{flags, seal, Knock, SealRandomness};
+    let mut nonce = [0u8; 16];
+    let mut ephemeral = [0u8; 32];
+    getrandom::getrandom(&mut nonce).expect("OS randomness");
+    getrandom::getrandom(&mut ephemeral).expect("OS randomness");
+    let knock = Knock {
+        device: key.public_key().device_id(),
+        timestamp_ms,
+        nonce,
+        flags: flags::KNOCK,
+        app: app.to_owned(),
+        claimed_addr: Some(claimed),
+        posture_digest: [0; 32],
+    };
+    seal(
+        &knock,
+        key,
+        gateway,
+        SealRandomness {
+            ephemeral_secret: ephemeral,
+        },
+    )
+    .expect("seal a valid knock")
+}
+
 /// How the gateway receives knocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Capture {

@@ -17,11 +17,10 @@ use std::time::{Duration, Instant};
 use postern_e2e::burst;
 use postern_e2e::lab::CLIENT_IF;
 use postern_e2e::netns::spawn_in_thread;
+use postern_e2e::seal_knock;
 use postern_e2e::{
     record_timing, unix_ms, Capture, Controller, Gateway, GatewayOptions, InProcessDevice, Lab,
 };
-use postern_protocol::keys::GatewayPublicKey;
-use postern_protocol::packet::{flags, seal, Knock, SealRandomness};
 use serde_json::Value;
 
 const APP: &str = "web";
@@ -109,35 +108,6 @@ fn flood(
     (sent, started.elapsed())
 }
 
-fn craft(
-    key: &postern_protocol::keys::DeviceSigningKey,
-    gw: &GatewayPublicKey,
-    ts: u64,
-    claimed: IpAddr,
-) -> Vec<u8> {
-    let mut nonce = [0u8; 16];
-    let mut ephemeral = [0u8; 32];
-    getrandom::getrandom(&mut nonce).expect("OS randomness");
-    getrandom::getrandom(&mut ephemeral).expect("OS randomness");
-    seal(
-        &Knock {
-            device: key.public_key().device_id(),
-            timestamp_ms: ts,
-            nonce,
-            flags: flags::KNOCK,
-            app: APP.to_owned(),
-            claimed_addr: Some(claimed),
-            posture_digest: [0; 32],
-        },
-        key,
-        gw,
-        SealRandomness {
-            ephemeral_secret: ephemeral,
-        },
-    )
-    .expect("seal a valid knock")
-}
-
 fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
@@ -171,7 +141,7 @@ fn valid_knocks_are_served_under_a_flood(mode: Capture) {
     let client_ip = lab.client_addr(false);
 
     // A template with this gateway's valid header, for the crypto-costing garbage.
-    let template = craft(&devices[0].key, &gw.public_key, unix_ms(), client_ip);
+    let template = seal_knock(&devices[0].key, &gw.public_key, APP, unix_ms(), client_ip);
 
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = Arc::clone(&stop);
@@ -194,7 +164,7 @@ fn valid_knocks_are_served_under_a_flood(mode: Capture) {
         for i in 0..KNOCKS {
             let key = &keys[i % DEVICES];
             let ts = unix_ms();
-            let dgram = craft(key, &gw_key, ts, client_ip);
+            let dgram = seal_knock(key, &gw_key, APP, ts, client_ip);
             sock.send_to(&dgram, spa).expect("send a valid knock");
             sent.push((key.public_key().device_id().to_string(), unix_ms()));
             std::thread::sleep(KNOCK_EVERY);

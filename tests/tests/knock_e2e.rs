@@ -13,11 +13,10 @@ use std::time::{Duration, Instant};
 
 use postern_e2e::fixtures::TABLE;
 use postern_e2e::{
-    echo_roundtrip, knock_cli_ok, poll, record_timing, tcp_connect, unix_ms, Capture, Controller,
-    Device, Gateway, GatewayOptions, InProcessDevice, Lab,
+    echo_roundtrip, knock_cli_ok, poll, record_timing, seal_knock, tcp_connect, unix_ms, Capture,
+    Controller, Device, Gateway, GatewayOptions, InProcessDevice, Lab,
 };
 use postern_protocol::keys::DevicePublicKey;
-use postern_protocol::packet::{flags, seal, Knock, SealRandomness};
 use serde_json::Value;
 
 const APP: &str = "web";
@@ -265,39 +264,6 @@ fn device_id(public_key: &str) -> String {
         .to_string()
 }
 
-/// A sealed knock for `app` from an in-process device, at `timestamp_ms`, claiming (and
-/// signing) the source address `claimed`, as the real client does.
-fn craft(
-    dev: &InProcessDevice,
-    gw: &Gateway,
-    app: &str,
-    timestamp_ms: u64,
-    claimed: IpAddr,
-) -> Vec<u8> {
-    let mut nonce = [0u8; 16];
-    let mut ephemeral = [0u8; 32];
-    getrandom::getrandom(&mut nonce).expect("OS randomness");
-    getrandom::getrandom(&mut ephemeral).expect("OS randomness");
-    let knock = Knock {
-        device: dev.key.public_key().device_id(),
-        timestamp_ms,
-        nonce,
-        flags: flags::KNOCK,
-        app: app.to_owned(),
-        claimed_addr: Some(claimed),
-        posture_digest: [0; 32],
-    };
-    seal(
-        &knock,
-        &dev.key,
-        &gw.public_key,
-        SealRandomness {
-            ephemeral_secret: ephemeral,
-        },
-    )
-    .expect("seal a valid knock")
-}
-
 /// Knock with the real client over the scenario's family, then connect every ~3 ms from the
 /// client namespace. Returns the established stream, the time from starting the knock
 /// command to the connection, the instant the knock command returned, and the attempts.
@@ -433,7 +399,7 @@ fn replayed_packet_is_refused(mode: Capture, v6: bool) {
     let mut s = Setup::new(mode, v6, |ctl| {
         ctl.add_device(&dev.name, USER, &dev.public_text());
     });
-    let datagram = craft(&dev, &s.gw, APP, unix_ms(), s.client_ip());
+    let datagram = seal_knock(&dev.key, &s.gw.public_key, APP, unix_ms(), s.client_ip());
     s.send_raw(&datagram);
     let sent = Instant::now();
     s.expect_decision(1, "allow", "granted");
@@ -462,7 +428,7 @@ fn tampered_packet_is_dropped(mode: Capture, v6: bool) {
     let mut s = Setup::new(mode, v6, |ctl| {
         ctl.add_device(&dev.name, USER, &dev.public_text());
     });
-    let datagram = craft(&dev, &s.gw, APP, unix_ms(), s.client_ip());
+    let datagram = seal_knock(&dev.key, &s.gw.public_key, APP, unix_ms(), s.client_ip());
     let mut tampered = datagram.clone();
     // Past the 42-byte clear header: inside the encrypted device id.
     tampered[50] ^= 0x01;
@@ -488,7 +454,13 @@ fn expired_timestamp_is_dropped(mode: Capture, v6: bool) {
         ctl.add_device(&dev.name, USER, &dev.public_text());
     });
     let old = unix_ms() - 5 * 60 * 1000;
-    s.send_raw(&craft(&dev, &s.gw, APP, old, s.client_ip()));
+    s.send_raw(&seal_knock(
+        &dev.key,
+        &s.gw.public_key,
+        APP,
+        old,
+        s.client_ip(),
+    ));
     s.expect_decision(1, "drop", "stale");
     s.assert_dark("after a knock with a 5-minute-old timestamp");
 }

@@ -13,9 +13,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use postern_e2e::{
-    bin, unix_ms, Capture, Controller, Gateway, GatewayOptions, InProcessDevice, Lab,
+    bin, seal_knock, unix_ms, Capture, Controller, Gateway, GatewayOptions, InProcessDevice, Lab,
 };
-use postern_protocol::packet::{flags, seal, Knock, SealRandomness};
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -114,28 +113,7 @@ impl Setup {
     /// A sealed knock with timestamp `ts` and a fresh random nonce.
     fn craft(&self, ts: u64) -> Vec<u8> {
         let gw = self.gw.as_ref().expect("gateway running");
-        let mut nonce = [0u8; 16];
-        let mut ephemeral = [0u8; 32];
-        getrandom::getrandom(&mut nonce).expect("OS randomness");
-        getrandom::getrandom(&mut ephemeral).expect("OS randomness");
-        let knock = Knock {
-            device: self.dev.key.public_key().device_id(),
-            timestamp_ms: ts,
-            nonce,
-            flags: flags::KNOCK,
-            app: APP.to_owned(),
-            claimed_addr: Some(self.client_ip()),
-            posture_digest: [0; 32],
-        };
-        seal(
-            &knock,
-            &self.dev.key,
-            &gw.public_key,
-            SealRandomness {
-                ephemeral_secret: ephemeral,
-            },
-        )
-        .expect("seal a valid knock")
+        seal_knock(&self.dev.key, &gw.public_key, APP, ts, self.client_ip())
     }
 
     /// Sends `datagram` from inside the client namespace.

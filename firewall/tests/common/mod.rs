@@ -10,6 +10,7 @@
 
 use std::{
     fs::File,
+    io::{ErrorKind, Read, Write},
     net::{SocketAddr, TcpStream},
     os::fd::AsRawFd,
     process::Command,
@@ -260,4 +261,34 @@ impl Lab {
         }
         Lab { client, gateway }
     }
+}
+
+/// `Duration::from_secs`, short.
+pub fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+/// `s` must receive nothing for 600 ms: the flow is dead (or never carried anything).
+pub fn expect_silence(s: &mut TcpStream, what: &str) {
+    s.set_read_timeout(Some(Duration::from_millis(600)))
+        .expect("timeout");
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+        other => panic!("{what}: expected no data, got {other:?}"),
+    }
+}
+
+/// One round trip over a live flow: the client's "ping" reaches the server side `s`,
+/// whose "pong" reaches the client `c`.
+pub fn exchange(c: &mut TcpStream, s: &mut TcpStream) {
+    let mut buf = [0u8; 4];
+    c.write_all(b"ping").expect("client write");
+    s.set_read_timeout(Some(secs(2))).expect("timeout");
+    s.read_exact(&mut buf).expect("server read");
+    assert_eq!(&buf, b"ping");
+    s.write_all(b"pong").expect("server write");
+    c.set_read_timeout(Some(secs(2))).expect("timeout");
+    c.read_exact(&mut buf).expect("client read");
+    assert_eq!(&buf, b"pong");
 }

@@ -18,7 +18,6 @@ use postern_e2e::{
     bin, run_in, Capture, Controller, Gateway, GatewayOptions, InProcessDevice, Lab,
 };
 use postern_protocol::keys::GatewayPublicKey;
-use postern_protocol::packet::{flags, seal, Knock, SealRandomness};
 
 const APP: &str = "web";
 const APP_PORT: u16 = 8080;
@@ -101,33 +100,14 @@ fn first_connect(addr: SocketAddrV4, t0: Instant) -> Option<Duration> {
     }
 }
 
-fn random32() -> [u8; 32] {
-    let mut b = [0u8; 32];
-    getrandom::getrandom(&mut b).expect("OS randomness");
-    b
-}
-
 fn sealed(dev: &InProcessDevice, gw: &GatewayPublicKey, client: Ipv4Addr) -> Vec<u8> {
-    let mut nonce = [0u8; 16];
-    nonce.copy_from_slice(&random32()[..16]);
-    let k = Knock {
-        device: dev.key.public_key().device_id(),
-        timestamp_ms: postern_e2e::unix_ms(),
-        nonce,
-        flags: flags::KNOCK,
-        app: APP.into(),
-        claimed_addr: Some(IpAddr::V4(client)),
-        posture_digest: [0; 32],
-    };
-    seal(
-        &k,
+    postern_e2e::seal_knock(
         &dev.key,
         gw,
-        SealRandomness {
-            ephemeral_secret: random32(),
-        },
+        APP,
+        postern_e2e::unix_ms(),
+        IpAddr::V4(client),
     )
-    .expect("seal")
 }
 
 /// Latency samples in ms; `failed` trials never connected.
