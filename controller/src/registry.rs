@@ -113,7 +113,7 @@ pub struct DeviceRow {
 /// An open registry database. One per thread; SQLite (WAL) arbitrates between processes.
 #[derive(Debug)]
 pub struct Registry {
-    conn: Connection,
+    pub(crate) conn: Connection,
     path: PathBuf,
 }
 
@@ -449,7 +449,7 @@ impl Registry {
         })
     }
 
-    fn write_tx(&mut self) -> Result<rusqlite::Transaction<'_>, RegistryError> {
+    pub(crate) fn write_tx(&mut self) -> Result<rusqlite::Transaction<'_>, RegistryError> {
         Ok(self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?)
@@ -474,7 +474,7 @@ fn read_revision(conn: &Connection) -> Result<u64, RegistryError> {
     u64::try_from(rev).map_err(|_| RegistryError::Corrupt(format!("negative revision {rev}")))
 }
 
-fn bump(conn: &Connection) -> Result<(), RegistryError> {
+pub(crate) fn bump(conn: &Connection) -> Result<(), RegistryError> {
     let n = conn.execute("UPDATE meta SET revision = revision + 1 WHERE id = 1", [])?;
     if n != 1 {
         return Err(RegistryError::Corrupt("meta row missing".into()));

@@ -47,6 +47,77 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE apps ADD COLUMN forward TEXT
         CHECK (forward IS NULL OR length(forward) BETWEEN 9 AND 47);
     "#,
+    // 3: identity, MFA, posture and policy (issue 3). Users that devices and grants
+    // already name become rows of `users`, so nothing that worked before stops working.
+    // Times are unix seconds (INTEGER) unless the column is a human `*_at` TEXT stamp.
+    r#"
+    CREATE TABLE users (
+        name              TEXT PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 128),
+        disabled          INTEGER NOT NULL DEFAULT 0 CHECK (disabled IN (0, 1)),
+        -- RFC 6238 secret (raw bytes); NULL until `user mfa NAME` enrolls one.
+        totp_secret       BLOB CHECK (totp_secret IS NULL OR length(totp_secret) BETWEEN 16 AND 64),
+        -- Highest accepted time step: a code of this step or earlier is a replay.
+        totp_last_step    INTEGER,
+        -- Failed codes in the current window and when the lockout ends (rate limit).
+        totp_failures     INTEGER NOT NULL DEFAULT 0 CHECK (totp_failures >= 0),
+        totp_window_start INTEGER,
+        totp_locked_until INTEGER,
+        created_at        TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
+    );
+    INSERT OR IGNORE INTO users (name) SELECT DISTINCT user FROM devices;
+    INSERT OR IGNORE INTO users (name) SELECT DISTINCT user FROM grants;
+
+    CREATE TABLE groups (
+        name       TEXT PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 128),
+        created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
+    );
+    CREATE TABLE group_members (
+        grp  TEXT NOT NULL REFERENCES groups (name) ON DELETE CASCADE,
+        user TEXT NOT NULL REFERENCES users (name) ON DELETE CASCADE,
+        PRIMARY KEY (grp, user)
+    );
+
+    -- When the device's user last proved MFA from this device, and its risk score.
+    ALTER TABLE devices ADD COLUMN last_mfa INTEGER;
+    ALTER TABLE devices ADD COLUMN risk INTEGER NOT NULL DEFAULT 0 CHECK (risk BETWEEN 0 AND 100);
+
+    -- One-time enrollment tokens. Only the SHA-256 of the token's secret is stored.
+    CREATE TABLE invites (
+        token_hash  TEXT PRIMARY KEY CHECK (length(token_hash) = 64),
+        device_name TEXT NOT NULL CHECK (length(device_name) BETWEEN 1 AND 64),
+        user        TEXT NOT NULL REFERENCES users (name) ON DELETE CASCADE,
+        expires_at  INTEGER NOT NULL,
+        used_at     INTEGER,
+        used_by     TEXT,
+        created_at  TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
+    );
+
+    -- The latest signed posture report per device, as the client sent it (JSON).
+    CREATE TABLE posture_reports (
+        device_id   TEXT PRIMARY KEY REFERENCES devices (id) ON DELETE CASCADE,
+        facts       TEXT NOT NULL,
+        received_at INTEGER NOT NULL,
+        expires_at  INTEGER NOT NULL
+    );
+
+    -- The applied policy file (one set; `policy apply` replaces it atomically).
+    CREATE TABLE policies (
+        id         INTEGER PRIMARY KEY CHECK (id = 1),
+        source     TEXT NOT NULL,
+        sha256     TEXT NOT NULL CHECK (length(sha256) = 64),
+        applied_at INTEGER NOT NULL
+    );
+
+    -- Every registry change and every API decision, oldest first.
+    CREATE TABLE audit (
+        id      INTEGER PRIMARY KEY AUTOINCREMENT,
+        at      TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+        actor   TEXT NOT NULL,
+        action  TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        detail  TEXT NOT NULL DEFAULT '{}'
+    );
+    "#,
 ];
 
 /// The schema version this binary writes and understands.
