@@ -12,10 +12,15 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use postern_controller::admin;
+use postern_controller::backup;
 use postern_controller::proto::keys::DevicePublicKey;
 use postern_controller::proto::snapshot::AppProtocol;
 use postern_controller::registry::Registry;
 use postern_controller::sync::{self, ServeConfig};
+use postern_controller::{api, api_identity, invite};
+
+const DEVICE_INVITE_HELP: &str = "Example:\n  postern-controller device invite alice-laptop --user alice --expires 24h\n  (on the device:) postern enroll --controller https://controller.example.org:8443 --token postern-invite:v1:...\n\nToken format: postern-invite:v1:<base64url 32-byte secret>:<hex SHA-256 of the controller's\nAPI certificate>. The client pins that certificate. Only the secret's SHA-256 is stored;\nthe token works once, until it expires. Treat it like a password.";
 
 const DEVICE_ADD_EXAMPLE: &str = "Example:\n  postern-controller device add alice-laptop --user alice --key ed25519:3f1Vb0F8...=\n\nThe key is the line printed by `postern keygen` on the device. Prints the device id.";
 
@@ -36,6 +41,22 @@ pub struct Cli {
         default_value = "/var/lib/postern/registry.db"
     )]
     pub db: PathBuf,
+
+    /// The running controller's admin socket [default: the --db path + ".admin.sock"].
+    /// When a controller listens there, every command runs through it (root only) and
+    /// gateways see the change at once; when none does, the CLI opens the database itself.
+    #[arg(long, global = true, env = "POSTERN_ADMIN_SOCKET", value_name = "PATH")]
+    pub admin_socket: Option<PathBuf>,
+
+    /// Open the database directly even if a controller is running (changes still reach
+    /// gateways, at the controller's next 50 ms revision poll).
+    #[arg(long, global = true)]
+    pub direct: bool,
+
+    /// Directory of the client API's TLS identity (cert.pem, key.pem; created 0700 with a
+    /// 0600 key if missing) [default: `api/` beside the --db file].
+    #[arg(long, global = true, env = "POSTERN_API_DIR", value_name = "DIR")]
+    pub api_dir: Option<PathBuf>,
 
     #[command(subcommand)]
     pub command: Command,
@@ -61,15 +82,71 @@ pub enum Command {
         after_help = "Example:\n  postern-controller grant add --app web --user alice\n  postern-controller grant list --json"
     )]
     Grant(GrantCommand),
+    /// Apply, show and explain the access policy (docs/policy.md).
+    #[command(
+        subcommand,
+        after_help = "Example:\n  postern-controller policy apply policy.toml --dry-run\n  postern-controller policy apply policy.toml\n  postern-controller policy explain --device alice-laptop --app wiki"
+    )]
+    Policy(crate::cmd_policy::PolicyCommand),
+    /// Add, list, disable and enable users; enroll them in TOTP.
+    #[command(
+        subcommand,
+        after_help = "Example:\n  postern-controller user add alice\n  postern-controller user mfa alice\n  postern-controller user list --json"
+    )]
+    User(crate::cmd_identity::UserCommand),
+    /// Add and list groups; add and remove members.
+    #[command(
+        subcommand,
+        after_help = "Example:\n  postern-controller group add engineering\n  postern-controller group add-member engineering alice\n  postern-controller group list"
+    )]
+    Group(crate::cmd_identity::GroupCommand),
+    /// Show the audit trail of registry changes and MFA decisions.
+    #[command(
+        subcommand,
+        after_help = "Example:\n  postern-controller audit list --limit 20\n  postern-controller audit list --json"
+    )]
+    Audit(crate::cmd_identity::AuditCommand),
+    /// Copy the live registry into a new file (online: the controller keeps running).
+    #[command(
+        after_help = "Example:\n  postern-controller backup /var/backups/postern-$(date +%F).db\n\nThe copy is a complete SQLite database (mode 0600: it holds TOTP secrets), checked with\nPRAGMA integrity_check before the command succeeds. It never overwrites a file.\nRestore: stop the controller, copy the backup over the --db file (remove its -wal\nand -shm files), start the controller."
+    )]
+    Backup {
+        /// The new backup file (must not exist).
+        file: PathBuf,
+        /// Print the outcome as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Serve registry snapshots to gateways on a Unix socket (runs until SIGINT/SIGTERM).
     #[command(
-        after_help = "Example:\n  postern-controller --db /var/lib/postern/registry.db serve --socket /run/postern/controller.sock\n\nProtocol: one JSON line per request, {\"after_revision\": N}; answered with {\"snapshot\": {...}} as soon as the revision differs from N, or after 10 s (heartbeat)."
+        after_help = "Example:\n  postern-controller --db /var/lib/postern/registry.db serve --socket /run/postern/controller.sock\n  postern-controller serve --socket /run/postern/controller.sock --api 0.0.0.0:8443 --posture-ttl 1h\n\nWith --api the client HTTPS API (enroll, login, posture; docs/api.md) runs too.\n\nProtocol: one JSON line per request, {\"after_revision\": N}; answered with {\"snapshot\": {...}} as soon as the revision differs from N, or after 10 s (heartbeat)."
     )]
     Serve(ServeArgs),
 }
 
 #[derive(Debug, Subcommand)]
 pub enum DeviceCommand {
+    /// Show a device's posture facts and the policy's verdict for every app.
+    #[command(
+        after_help = "Example:\n  postern-controller device posture alice-laptop\n  postern-controller device posture alice-laptop --json\n\nFor each app: allow, or deny with the failing requirement and its remediation text."
+    )]
+    Posture(crate::cmd_policy::PostureArgs),
+    /// Create a one-time enrollment token for a new device; prints the token once.
+    #[command(after_help = DEVICE_INVITE_HELP)]
+    Invite {
+        /// Name the device will get (1-64 of A-Z a-z 0-9 . _ -); must not exist yet.
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// User who will own the device (must exist: `postern-controller user add U`).
+        #[arg(long, value_name = "USER")]
+        user: String,
+        /// How long the token stays valid: 1m to 30d (e.g. 30m, 24h, 7d).
+        #[arg(long, value_name = "DURATION", default_value = "24h")]
+        expires: String,
+        /// Print {token, device_name, user, expires_at, cert_sha256} as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Register a device's public key for a user; prints the device id.
     #[command(after_help = DEVICE_ADD_EXAMPLE)]
     Add {
@@ -97,6 +174,8 @@ pub enum DeviceCommand {
         #[arg(value_name = "NAME_OR_ID")]
         name_or_id: String,
     },
+    #[command(flatten)]
+    Identity(crate::cmd_identity::DeviceIdentityCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -158,12 +237,28 @@ pub struct ServeArgs {
     #[arg(long, hide = true, value_name = "MS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub hold_ms: u64,
+    /// Do not open the admin socket (admin commands then write the database directly).
+    #[arg(long)]
+    pub no_admin_socket: bool,
+    /// Also serve the client HTTPS API (enroll, login, posture) on this address, e.g.
+    /// 127.0.0.1:8443 or [::]:8443 (port 0 picks a free port; the log line
+    /// `api listening on ADDR` names it).
+    #[arg(long, value_name = "ADDR")]
+    pub api: Option<std::net::SocketAddr>,
+    /// How long a device's posture report stays valid: 1m to 30d.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+    pub posture_ttl: u64,
 }
 
 /// The user's input was rejected (exit code 2).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct UsageError(pub String);
+
+fn parse_duration(s: &str) -> Result<u64, String> {
+    postern_controller::invite::parse_expiry(s)
+        .map_err(|_| "use a duration from 1m to 30d such as 30m, 1h or 7d".to_owned())
+}
 
 fn parse_port(s: &str) -> Result<u16, String> {
     match s.parse::<u32>() {
@@ -183,7 +278,14 @@ fn parse_protocol(s: &str) -> Result<AppProtocol, String> {
 /// Runs one parsed command.
 pub fn run(cli: Cli, stop: impl FnOnce() -> anyhow::Result<Arc<AtomicBool>>) -> anyhow::Result<()> {
     let db = cli.db;
-    let open = || Registry::open(&db).map_err(anyhow::Error::from);
+    let open = || {
+        let mut registry = Registry::open(&db)?;
+        // Set by the controller when the command came through the admin socket.
+        if let Ok(actor) = std::env::var(admin::ACTOR_ENV) {
+            registry.set_actor(actor);
+        }
+        Ok::<_, anyhow::Error>(registry)
+    };
     let mut out = std::io::stdout().lock();
     match cli.command {
         Command::Device(DeviceCommand::Add { name, user, key }) => {
@@ -195,36 +297,20 @@ pub fn run(cli: Cli, stop: impl FnOnce() -> anyhow::Result<Arc<AtomicBool>>) -> 
             let rec = open()?.add_device(&name, &user, &key)?;
             writeln!(out, "{}", rec.id)?;
         }
+        Command::Device(DeviceCommand::Invite {
+            name,
+            user,
+            expires,
+            json,
+        }) => {
+            let api_dir = cli
+                .api_dir
+                .clone()
+                .unwrap_or_else(|| api_identity::default_dir(&db));
+            invite_device(&mut out, &open, &api_dir, &name, &user, &expires, json)?;
+        }
         Command::Device(DeviceCommand::List(args)) => {
-            let rows = open()?.list_devices()?;
-            if args.json {
-                let recs: Vec<_> = rows.into_iter().map(|r| r.record).collect();
-                print_json(&mut out, &recs)?;
-            } else {
-                let rows = rows
-                    .into_iter()
-                    .map(|r| {
-                        vec![
-                            r.record.name,
-                            r.record.user,
-                            r.record.id,
-                            if r.record.revoked {
-                                "revoked"
-                            } else {
-                                "active"
-                            }
-                            .to_owned(),
-                            r.created_at,
-                            r.record.public_key,
-                        ]
-                    })
-                    .collect();
-                print_table(
-                    &mut out,
-                    &["NAME", "USER", "ID", "STATUS", "CREATED", "PUBLIC KEY"],
-                    rows,
-                )?;
-            }
+            crate::cmd_identity::print_devices(open()?.list_devices()?, args.json, &mut out)?;
         }
         Command::Device(DeviceCommand::Revoke { name_or_id }) => {
             let o = open()?.revoke_device(&name_or_id)?;
@@ -295,6 +381,16 @@ pub fn run(cli: Cli, stop: impl FnOnce() -> anyhow::Result<Arc<AtomicBool>>) -> 
                 writeln!(out, "granted user {user:?} access to app {app:?}")?;
             }
         }
+        Command::Policy(cmd) => crate::cmd_policy::run(cmd, &open, &mut out)?,
+        Command::User(cmd) => crate::cmd_identity::run_user(cmd, &open, &mut out)?,
+        Command::Group(cmd) => crate::cmd_identity::run_group(cmd, &open, &mut out)?,
+        Command::Audit(cmd) => crate::cmd_identity::run_audit(cmd, &open, &mut out)?,
+        Command::Device(DeviceCommand::Identity(cmd)) => {
+            crate::cmd_identity::run_device(cmd, &open, &mut out)?
+        }
+        Command::Device(DeviceCommand::Posture(args)) => {
+            crate::cmd_policy::posture(args, &open, &mut out)?
+        }
         Command::Grant(GrantCommand::List(args)) => {
             let grants = open()?.list_grants()?;
             if args.json {
@@ -304,28 +400,126 @@ pub fn run(cli: Cli, stop: impl FnOnce() -> anyhow::Result<Arc<AtomicBool>>) -> 
                 print_table(&mut out, &["APP", "USER"], rows)?;
             }
         }
+        Command::Backup { file, json } => {
+            let outcome = backup::backup(&open()?, &file)?;
+            if json {
+                serde_json::to_writer_pretty(&mut out, &outcome).context("writing JSON")?;
+                writeln!(out)?;
+            } else {
+                writeln!(
+                    out,
+                    "backed up revision {} (schema {}, {} bytes) to {}",
+                    outcome.revision,
+                    outcome.schema_version,
+                    outcome.bytes,
+                    outcome.path.display()
+                )?;
+            }
+        }
         Command::Serve(args) => {
             drop(out);
             let cfg = ServeConfig {
                 db: db.clone(),
                 socket: args.socket,
                 hold: Duration::from_millis(args.hold_ms),
+                admin_socket: (!args.no_admin_socket).then(|| {
+                    cli.admin_socket
+                        .clone()
+                        .unwrap_or_else(|| admin::default_socket(&db))
+                }),
             };
             let stop = stop()?;
-            sync::serve(&cfg, stop)?;
+            let api_server = match args.api {
+                Some(listen) => Some(
+                    api::start(
+                        &api::ApiConfig {
+                            db: db.clone(),
+                            listen,
+                            api_dir: cli
+                                .api_dir
+                                .clone()
+                                .unwrap_or_else(|| api_identity::default_dir(&db)),
+                            posture_ttl: Duration::from_secs(args.posture_ttl),
+                        },
+                        Arc::clone(&stop),
+                    )
+                    .context("starting the client API (--api)")?,
+                ),
+                None => None,
+            };
+            let served = sync::serve(&cfg, Arc::clone(&stop));
+            if let Some(server) = api_server {
+                // The API thread stops on the same flag; make sure it is set on errors too.
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                server.join();
+            }
+            served?;
         }
     }
     Ok(())
 }
 
-fn print_json<T: serde::Serialize>(out: &mut impl Write, records: &[T]) -> anyhow::Result<()> {
+/// `device invite`: loads (or creates) the API identity for its fingerprint, stores the
+/// invite and prints the token once.
+fn invite_device(
+    out: &mut impl Write,
+    open: &dyn Fn() -> anyhow::Result<Registry>,
+    api_dir: &std::path::Path,
+    name: &str,
+    user: &str,
+    expires: &str,
+    json: bool,
+) -> anyhow::Result<()> {
+    let validation = |e: invite::InviteError| -> anyhow::Error {
+        if e.is_validation() {
+            UsageError(e.to_string()).into()
+        } else {
+            e.into()
+        }
+    };
+    let ttl = invite::parse_expiry(expires).map_err(validation)?;
+    let identity = api_identity::load_or_create(api_dir)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .context("system clock is before 1970")?
+        .as_secs();
+    let created = open()?
+        .create_invite(name, user, ttl, identity.fingerprint_bytes(), now)
+        .map_err(validation)?;
+    let token = created.token.to_text();
+    if json {
+        let v = serde_json::json!({
+            "token": token.as_str(),
+            "device_name": created.device_name,
+            "user": created.user,
+            "expires_at": invite::format_unix(created.expires_at),
+            "cert_sha256": identity.fingerprint,
+        });
+        serde_json::to_writer_pretty(&mut *out, &v).context("writing JSON")?;
+        writeln!(out)?;
+    } else {
+        writeln!(out, "{}", token.as_str())?;
+        eprintln!(
+            "one-time token for device {:?} (user {:?}), valid until {}; on the device run: postern enroll --controller https://HOST:PORT --token TOKEN",
+            created.device_name,
+            created.user,
+            invite::format_unix(created.expires_at)
+        );
+    }
+    Ok(())
+}
+
+pub(crate) fn print_json<T: serde::Serialize>(
+    out: &mut impl Write,
+    records: &[T],
+) -> anyhow::Result<()> {
     serde_json::to_writer_pretty(&mut *out, records).context("writing JSON")?;
     writeln!(out)?;
     Ok(())
 }
 
 /// Left-aligned columns separated by two spaces; the last column is not padded.
-fn print_table(
+pub(crate) fn print_table(
     out: &mut impl Write,
     headers: &[&str],
     rows: Vec<Vec<String>>,

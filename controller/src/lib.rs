@@ -4,6 +4,14 @@
 //! Owns: module wiring only. Must not touch: argument parsing or process exit codes
 //! (those belong to the binary).
 
+pub mod admin;
+pub mod api;
+pub mod api_identity;
+pub mod audit;
+pub mod backup;
+pub mod identity;
+pub mod invite;
+pub mod policy_store;
 pub mod proto;
 pub mod registry;
 pub mod schema;

@@ -6,6 +6,8 @@
 //! (see `cli`, `postern_controller::registry`).
 
 mod cli;
+mod cmd_identity;
+mod cmd_policy;
 
 use std::io::IsTerminal as _;
 use std::process::ExitCode;
@@ -13,6 +15,8 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use postern_controller::admin;
+use postern_controller::backup::BackupError;
 use postern_controller::registry::RegistryError;
 use postern_controller::sync::SyncError;
 
@@ -20,6 +24,25 @@ fn main() -> ExitCode {
     let parsed: cli::Cli = postern_terminal::parse_args();
     let serving = matches!(parsed.command, cli::Command::Serve(_));
     init_logging(if serving { "info" } else { "warn" });
+    if serving && std::env::var_os(admin::DIRECT_ENV).is_some() {
+        eprintln!("error: `serve` cannot be run through the admin socket");
+        return ExitCode::from(2);
+    }
+    if !serving && !parsed.direct && std::env::var_os(admin::DIRECT_ENV).is_none() {
+        let socket = parsed
+            .admin_socket
+            .clone()
+            .unwrap_or_else(|| admin::default_socket(&parsed.db));
+        match admin::call(&socket, &std::env::args_os().skip(1).collect::<Vec<_>>()) {
+            Ok(answer) => return relay(&answer),
+            // Controller stopped: the CLI works on the database file itself.
+            Err(admin::AdminClientError::NotRunning(_)) => {}
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
     match cli::run(parsed, register_stop) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -30,11 +53,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// Prints what the controller's run of the command printed and exits like it did.
+fn relay(answer: &admin::AdminResponse) -> ExitCode {
+    use std::io::Write as _;
+    let _ = std::io::stdout().write_all(answer.stdout.as_bytes());
+    let _ = std::io::stderr().write_all(answer.stderr.as_bytes());
+    ExitCode::from(u8::try_from(answer.exit).unwrap_or(1))
+}
+
 fn exit_code(e: &anyhow::Error) -> u8 {
     let validation = e.chain().any(|c| {
         c.downcast_ref::<cli::UsageError>().is_some()
             || c.downcast_ref::<RegistryError>()
                 .is_some_and(RegistryError::is_validation)
+            || c.downcast_ref::<BackupError>()
+                .is_some_and(BackupError::is_validation)
             || matches!(
                 c.downcast_ref::<SyncError>(),
                 Some(SyncError::Registry(r)) if r.is_validation()

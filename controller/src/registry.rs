@@ -62,6 +62,20 @@ pub enum RegistryError {
     InvalidPort,
     #[error("--app {0:?} is not a registered app: add it first with `postern-controller app add {0} --protocol tcp --port N`")]
     UnknownApp(String),
+    #[error("unknown user {0:?}: add it with `postern-controller user add {0}`")]
+    UnknownUser(String),
+    #[error("user {0:?} already exists: pick another name (see `postern-controller user list`)")]
+    DuplicateUser(String),
+    #[error("unknown group {0:?}: add it with `postern-controller group add {0}`")]
+    UnknownGroup(String),
+    #[error("group {0:?} already exists: pick another name (see `postern-controller group list`)")]
+    DuplicateGroup(String),
+    #[error(
+        "user {user:?} is not a member of group {group:?}: see `postern-controller group list`"
+    )]
+    NotGroupMember { group: String, user: String },
+    #[error("risk score {0} is invalid: use a number from 0 (no risk) to 100")]
+    InvalidRisk(u32),
     #[error("registry corrupt: {0}")]
     Corrupt(String),
     #[error("database error: {0}")]
@@ -83,6 +97,12 @@ impl RegistryError {
                 | RegistryError::PortTaken { .. }
                 | RegistryError::InvalidPort
                 | RegistryError::UnknownApp(_)
+                | RegistryError::UnknownUser(_)
+                | RegistryError::DuplicateUser(_)
+                | RegistryError::UnknownGroup(_)
+                | RegistryError::DuplicateGroup(_)
+                | RegistryError::NotGroupMember { .. }
+                | RegistryError::InvalidRisk(_)
         )
     }
 }
@@ -108,6 +128,10 @@ pub struct GrantOutcome {
 pub struct DeviceRow {
     pub record: DeviceRecord,
     pub created_at: String,
+    /// Unix time of the last MFA proof from this device (`None`: never).
+    pub last_mfa: Option<u64>,
+    /// Risk score 0-100 (admin- or API-set; 0 = no known risk).
+    pub risk: u8,
 }
 
 /// An open registry database. One per thread; SQLite (WAL) arbitrates between processes.
@@ -115,6 +139,8 @@ pub struct DeviceRow {
 pub struct Registry {
     pub(crate) conn: Connection,
     path: PathBuf,
+    /// Recorded as the actor of every audit row this handle writes.
+    actor: String,
 }
 
 impl Registry {
@@ -185,7 +211,24 @@ impl Registry {
         Ok(Self {
             conn,
             path: path.to_owned(),
+            actor: crate::audit::DEFAULT_ACTOR.to_owned(),
         })
+    }
+
+    /// Sets who the audit rows written through this handle name as actor
+    /// (default `admin`; e.g. `admin:uid=0`).
+    pub fn set_actor(&mut self, actor: impl Into<String>) {
+        self.actor = actor.into();
+    }
+
+    /// The actor recorded in audit rows.
+    pub fn actor(&self) -> &str {
+        &self.actor
+    }
+
+    /// The newest `limit` audit rows, oldest first.
+    pub fn list_audit(&self, limit: u32) -> Result<Vec<crate::audit::AuditRow>, RegistryError> {
+        crate::audit::list(&self.conn, limit)
     }
 
     /// The database file path.
@@ -228,39 +271,15 @@ impl Registry {
             public_key: key.to_text(),
             revoked: false,
         };
-        let tx = self.write_tx()?;
-        if let Some((id, revoked)) = tx
-            .query_row(
-                "SELECT id, revoked FROM devices WHERE name = ?1",
-                [name],
-                |r| Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?)),
-            )
-            .optional()?
-        {
-            return Err(if revoked {
-                RegistryError::DeviceNameHeldByRevoked {
-                    name: name.to_owned(),
-                    id,
-                }
-            } else {
-                RegistryError::DuplicateDeviceName {
-                    name: name.to_owned(),
-                }
-            });
-        }
-        if let Some((name, id)) = tx
-            .query_row(
-                "SELECT name, id FROM devices WHERE public_key = ?1 OR id = ?2",
-                params![record.public_key, record.id],
-                |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
-            )
-            .optional()?
-        {
-            return Err(RegistryError::DuplicateDeviceKey { name, id });
-        }
-        tx.execute(
-            "INSERT INTO devices (id, name, user, public_key, revoked) VALUES (?1, ?2, ?3, ?4, 0)",
-            params![record.id, record.name, record.user, record.public_key],
+        let (tx, actor) = self.write_tx_as()?;
+        crate::identity::ensure_user(&tx, actor, user)?;
+        insert_device(&tx, &record)?;
+        crate::audit::record(
+            &tx,
+            actor,
+            "device.add",
+            &record.name,
+            serde_json::json!({ "id": record.id, "user": record.user, "public_key": record.public_key }),
         )?;
         bump(&tx)?;
         tx.commit()?;
@@ -270,12 +289,17 @@ impl Registry {
     /// All devices (revoked ones included), ordered by name.
     pub fn list_devices(&self) -> Result<Vec<DeviceRow>, RegistryError> {
         let mut stmt = self.conn.prepare(
-            "SELECT id, name, user, public_key, revoked, created_at FROM devices ORDER BY name",
+            "SELECT id, name, user, public_key, revoked, created_at, last_mfa, risk
+             FROM devices ORDER BY name",
         )?;
         let rows = stmt.query_map([], |r| {
             Ok(DeviceRow {
                 record: device_from_row(r)?,
                 created_at: r.get(5)?,
+                last_mfa: r
+                    .get::<_, Option<i64>>(6)?
+                    .map(|t| u64::try_from(t).unwrap_or(0)),
+                risk: r.get(7)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -284,7 +308,7 @@ impl Registry {
     /// Revokes a device by name or by 32-hex id. Revoking a revoked device is a no-op
     /// reported through `already_revoked`.
     pub fn revoke_device(&mut self, name_or_id: &str) -> Result<RevokeOutcome, RegistryError> {
-        let tx = self.write_tx()?;
+        let (tx, actor) = self.write_tx_as()?;
         let found = tx
             .query_row(
                 "SELECT id, name, user, public_key, revoked FROM devices
@@ -303,6 +327,13 @@ impl Registry {
             });
         }
         tx.execute("UPDATE devices SET revoked = 1 WHERE id = ?1", [&device.id])?;
+        crate::audit::record(
+            &tx,
+            actor,
+            "device.revoke",
+            &device.name,
+            serde_json::json!({ "id": device.id, "user": device.user }),
+        )?;
         bump(&tx)?;
         tx.commit()?;
         device.revoked = true;
@@ -342,7 +373,7 @@ impl Registry {
             return Err(RegistryError::InvalidPort);
         }
         let proto_text = protocol.to_string();
-        let tx = self.write_tx()?;
+        let (tx, actor) = self.write_tx_as()?;
         let exists: bool = tx.query_row(
             "SELECT EXISTS (SELECT 1 FROM apps WHERE name = ?1)",
             [name],
@@ -371,6 +402,13 @@ impl Registry {
             "INSERT INTO apps (name, protocol, port, forward) VALUES (?1, ?2, ?3, ?4)",
             params![name, proto_text, port, forward_text],
         )?;
+        crate::audit::record(
+            &tx,
+            actor,
+            "app.add",
+            name,
+            serde_json::json!({ "protocol": proto_text, "port": port, "forward": forward_text }),
+        )?;
         bump(&tx)?;
         tx.commit()?;
         Ok(AppRecord {
@@ -394,7 +432,7 @@ impl Registry {
             app: app.to_owned(),
             user: user.to_owned(),
         };
-        let tx = self.write_tx()?;
+        let (tx, actor) = self.write_tx_as()?;
         let app_exists: bool = tx.query_row(
             "SELECT EXISTS (SELECT 1 FROM apps WHERE name = ?1)",
             [app],
@@ -413,6 +451,14 @@ impl Registry {
                 already_granted: true,
             });
         }
+        crate::identity::ensure_user(&tx, actor, user)?;
+        crate::audit::record(
+            &tx,
+            actor,
+            "grant.add",
+            app,
+            serde_json::json!({ "user": user }),
+        )?;
         bump(&tx)?;
         tx.commit()?;
         Ok(GrantOutcome {
@@ -440,13 +486,25 @@ impl Registry {
         };
         let apps = list_apps(&tx)?;
         let grants = list_grants(&tx)?;
+        let access = crate::policy_store::snapshot_access(&tx)?;
         tx.finish()?;
         Ok(Snapshot {
             revision,
             devices,
             apps,
             grants,
+            access,
         })
+    }
+
+    /// A write transaction together with the audit actor (split borrow of `self`).
+    pub(crate) fn write_tx_as(
+        &mut self,
+    ) -> Result<(rusqlite::Transaction<'_>, &str), RegistryError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        Ok((tx, &self.actor))
     }
 
     pub(crate) fn write_tx(&mut self) -> Result<rusqlite::Transaction<'_>, RegistryError> {
@@ -482,7 +540,52 @@ pub(crate) fn bump(conn: &Connection) -> Result<(), RegistryError> {
     Ok(())
 }
 
-fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRecord> {
+/// Inserts a device row inside the caller's write transaction after checking that its name
+/// and key are free (no revision bump: the caller bumps once per transaction).
+pub(crate) fn insert_device(tx: &Connection, record: &DeviceRecord) -> Result<(), RegistryError> {
+    check_device_name_free(tx, &record.name)?;
+    if let Some((name, id)) = tx
+        .query_row(
+            "SELECT name, id FROM devices WHERE public_key = ?1 OR id = ?2",
+            params![record.public_key, record.id],
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+        )
+        .optional()?
+    {
+        return Err(RegistryError::DuplicateDeviceKey { name, id });
+    }
+    tx.execute(
+        "INSERT INTO devices (id, name, user, public_key, revoked) VALUES (?1, ?2, ?3, ?4, 0)",
+        params![record.id, record.name, record.user, record.public_key],
+    )?;
+    Ok(())
+}
+
+/// Refuses `name` when any device (revoked ones included) holds it.
+pub(crate) fn check_device_name_free(conn: &Connection, name: &str) -> Result<(), RegistryError> {
+    if let Some((id, revoked)) = conn
+        .query_row(
+            "SELECT id, revoked FROM devices WHERE name = ?1",
+            [name],
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?)),
+        )
+        .optional()?
+    {
+        return Err(if revoked {
+            RegistryError::DeviceNameHeldByRevoked {
+                name: name.to_owned(),
+                id,
+            }
+        } else {
+            RegistryError::DuplicateDeviceName {
+                name: name.to_owned(),
+            }
+        });
+    }
+    Ok(())
+}
+
+pub(crate) fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceRecord> {
     Ok(DeviceRecord {
         id: r.get(0)?,
         name: r.get(1)?,

@@ -9,7 +9,9 @@
 //!
 //! Owns: the socket file (created 0600 without a permission race, stale file removed only
 //! if nothing listens on it, removed again on a clean stop), the revision watcher thread
-//! and one thread per connection. Must not touch: registry rows (read-only via `Registry`)
+//! and one thread per connection, and the periodic re-evaluation of the policy's access set
+//! (`policy_store::AccessWatch`: its only write is a revision bump when time alone changed
+//! what the policy allows). Must not touch: registry rows (read-only via `Registry`)
 //! or signal registration (the binary passes in a stop flag).
 
 use std::fs::{self, DirBuilder, Permissions};
@@ -26,6 +28,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
+use crate::admin::{AdminServer, AdminServerConfig};
+use crate::policy_store::{AccessWatch, ACCESS_RECHECK};
 use crate::proto::snapshot::Snapshot;
 use crate::registry::{Registry, RegistryError};
 
@@ -50,6 +54,8 @@ pub struct ServeConfig {
     pub db: PathBuf,
     pub socket: PathBuf,
     pub hold: Duration,
+    /// The admin socket (see `admin`); `None` serves gateways only.
+    pub admin_socket: Option<PathBuf>,
 }
 
 /// Why the server could not start or had to stop.
@@ -57,9 +63,9 @@ pub struct ServeConfig {
 pub enum SyncError {
     #[error(transparent)]
     Registry(#[from] RegistryError),
-    #[error("another controller is already listening on {}: stop it or pass another --socket", .0.display())]
+    #[error("another controller is already listening on {}: stop it, or pass another --socket / --admin-socket", .0.display())]
     AlreadyRunning(PathBuf),
-    #[error("{} exists and is not a socket: remove it or pass another --socket", .0.display())]
+    #[error("{} exists and is not a socket: remove it, or pass another --socket / --admin-socket", .0.display())]
     NotASocket(PathBuf),
     #[error("socket {}: {source}", path.display())]
     Socket { path: PathBuf, source: io::Error },
@@ -132,8 +138,8 @@ impl Watch {
 
 /// The bound socket; removes its file on drop if the file is still this socket.
 #[derive(Debug)]
-struct BoundSocket {
-    listener: UnixListener,
+pub(crate) struct BoundSocket {
+    pub(crate) listener: UnixListener,
     path: PathBuf,
     ino: (u64, u64),
 }
@@ -156,7 +162,21 @@ pub fn serve(cfg: &ServeConfig, stop: Arc<AtomicBool>) -> Result<(), SyncError> 
     let registry = Registry::open(&cfg.db)?;
     let watch = Arc::new(Watch::default());
     watch.publish(registry.revision()?);
-    let bound = bind(&cfg.socket)?;
+    // The admin socket first: once the gateway socket answers, both are up.
+    let admin = match &cfg.admin_socket {
+        Some(path) => Some(spawn_admin(cfg, path, &watch, &stop)?),
+        None => None,
+    };
+    let bound = match bind(&cfg.socket) {
+        Ok(b) => b,
+        Err(e) => {
+            stop.store(true, Ordering::Relaxed);
+            if let Some(admin) = admin {
+                let _ = admin.join();
+            }
+            return Err(e);
+        }
+    };
     info!(socket = %cfg.socket.display(), db = %cfg.db.display(), revision = registry.revision()?, "controller serving");
 
     let watcher = {
@@ -215,7 +235,45 @@ pub fn serve(cfg: &ServeConfig, stop: Arc<AtomicBool>) -> Result<(), SyncError> 
     drop(bound);
     watch.changed.notify_all();
     let _ = watcher.join();
+    if let Some(admin) = admin {
+        let _ = admin.join();
+    }
     Ok(())
+}
+
+/// Binds the admin socket and serves it on its own thread; after every command the new
+/// revision is published to waiting gateways at once (not at the next poll).
+fn spawn_admin(
+    cfg: &ServeConfig,
+    path: &Path,
+    watch: &Arc<Watch>,
+    stop: &Arc<AtomicBool>,
+) -> Result<thread::JoinHandle<()>, SyncError> {
+    let sock_err = |source: io::Error| SyncError::Socket {
+        path: path.to_owned(),
+        source,
+    };
+    let exe = std::env::current_exe().map_err(sock_err)?;
+    // Absolute: the commands run in their caller's working directory.
+    let db = fs::canonicalize(&cfg.db).map_err(sock_err)?;
+    let server = AdminServer::bind(AdminServerConfig {
+        socket: path.to_owned(),
+        db,
+        exe,
+    })?;
+    let registry = Registry::open(&cfg.db)?;
+    let watch = Arc::clone(watch);
+    let stop = Arc::clone(stop);
+    thread::Builder::new()
+        .name("admin".into())
+        .spawn(move || {
+            server.run(&stop, || {
+                if let Ok(rev) = registry.revision() {
+                    watch.publish(rev);
+                }
+            })
+        })
+        .map_err(sock_err)
 }
 
 #[derive(Debug)]
@@ -228,7 +286,7 @@ impl Drop for ActiveGuard {
 
 /// Binds `path` with mode 0600 and no window in which it is reachable with wider
 /// permissions: bind inside a fresh 0700 directory, chmod, then rename into place.
-fn bind(path: &Path) -> Result<BoundSocket, SyncError> {
+pub(crate) fn bind(path: &Path) -> Result<BoundSocket, SyncError> {
     let sock_err = |source: io::Error| SyncError::Socket {
         path: path.to_owned(),
         source,
@@ -283,9 +341,21 @@ fn bind(path: &Path) -> Result<BoundSocket, SyncError> {
     result.map_err(sock_err)
 }
 
-fn watch_revision(registry: Registry, watch: &Watch, stop: &AtomicBool) {
+fn watch_revision(mut registry: Registry, watch: &Watch, stop: &AtomicBool) {
     let mut failing = false;
+    // Time alone can change what the policy allows (docs/policy.md): re-evaluate the
+    // access set every ACCESS_RECHECK and bump the revision when it changed.
+    let mut access = AccessWatch::default();
+    let mut next_access_check = Instant::now();
     while !stop.load(Ordering::Relaxed) {
+        if Instant::now() >= next_access_check {
+            next_access_check = Instant::now() + ACCESS_RECHECK;
+            match access.check(&mut registry, jiff::Timestamp::now()) {
+                Ok(true) => info!("access set changed with time: revision bumped"),
+                Ok(false) => {}
+                Err(e) => warn!(error = %e, "cannot re-evaluate the access policy"),
+            }
+        }
         match registry.revision() {
             Ok(rev) => {
                 if failing {
@@ -467,6 +537,7 @@ mod tests {
             devices: vec![],
             apps: vec![],
             grants: vec![],
+            access: None,
         });
         let j = serde_json::to_string(&s).unwrap();
         assert!(j.starts_with(r#"{"snapshot":{"revision":3"#), "{j}");

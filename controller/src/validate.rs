@@ -17,6 +17,9 @@ pub enum Field {
     AppName,
     DeviceName,
     User,
+    /// A user named as the command's argument (`user add NAME`).
+    UserName,
+    GroupName,
 }
 
 impl Field {
@@ -25,6 +28,8 @@ impl Field {
             Field::AppName => "app name",
             Field::DeviceName => "device name",
             Field::User => "--user",
+            Field::UserName => "user name",
+            Field::GroupName => "group name",
         }
     }
     fn rule(self) -> &'static str {
@@ -33,7 +38,8 @@ impl Field {
                 "use 1-64 characters from a-z 0-9 . _ - (lowercase, as in the knock packet)"
             }
             Field::DeviceName => "use 1-64 characters from A-Z a-z 0-9 . _ -",
-            Field::User => "use 1-128 characters from A-Z a-z 0-9 . _ - @ +",
+            Field::User | Field::UserName => "use 1-128 characters from A-Z a-z 0-9 . _ - @ +",
+            Field::GroupName => "use 1-128 characters from A-Z a-z 0-9 . _ -",
         }
     }
 }
@@ -79,6 +85,21 @@ pub fn device_name(value: &str) -> Result<(), InvalidName> {
 pub fn user(value: &str) -> Result<(), InvalidName> {
     check(Field::User, value, MAX_USER_LEN, |b| {
         b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'@' | b'+')
+    })
+}
+
+/// A user named as a command argument: same rule as [`user`], labelled "user name".
+pub fn user_name(value: &str) -> Result<(), InvalidName> {
+    user(value).map_err(|e| InvalidName {
+        field: Field::UserName,
+        value: e.value,
+    })
+}
+
+/// `[A-Za-z0-9._-]{1,128}`.
+pub fn group_name(value: &str) -> Result<(), InvalidName> {
+    check(Field::GroupName, value, MAX_USER_LEN, |b| {
+        b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')
     })
 }
 

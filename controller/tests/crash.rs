@@ -1,7 +1,9 @@
 //! Crash-safety smoke: 200 CLI writes from two concurrent writer threads while `serve`
-//! long-polls and is killed with SIGKILL midway; afterwards every acknowledged write is
-//! in the database, the database passes `integrity_check`, and a new `serve` starts over
-//! the stale socket and serves it all.
+//! long-polls and is killed with SIGKILL midway. The writes go through the controller's
+//! admin socket until the kill; the write in flight at the kill gets "outcome unknown",
+//! later ones find no controller and write the file directly. Afterwards every
+//! acknowledged write is in the database, the database passes `integrity_check`, and a
+//! new `serve` starts over the stale sockets and serves it all.
 //!
 //! Owns: tests only. Must not touch: files outside the per-test tempdir.
 #![allow(clippy::unwrap_used)]
@@ -54,6 +56,7 @@ fn acknowledged_writes_survive_kill_9_of_serve() {
             let db = db.clone();
             thread::spawn(move || {
                 let mut acked = Vec::new();
+                let mut unknown = Vec::new();
                 for i in 0..100u32 {
                     let n = w * 100 + i;
                     let (code, _, err) = if n % 2 == 0 {
@@ -84,10 +87,16 @@ fn acknowledged_writes_survive_kill_9_of_serve() {
                             ],
                         )
                     };
-                    assert_eq!(code, 0, "write {n}: {err}");
-                    acked.push(n);
+                    if code == 0 {
+                        acked.push(n);
+                    } else {
+                        // Only the controller dying under a command may fail it, and the
+                        // CLI must say the outcome is unknown rather than claim either.
+                        assert!(err.contains("admin socket"), "write {n}: {err}");
+                        unknown.push(n);
+                    }
                 }
-                acked
+                (acked, unknown)
             })
         })
         .collect();
@@ -96,23 +105,38 @@ fn acknowledged_writes_survive_kill_9_of_serve() {
     serve.kill().unwrap(); // SIGKILL
     serve.wait().unwrap();
     stop.store(true, Ordering::Relaxed);
-    let acked: Vec<u32> = writers
-        .into_iter()
-        .flat_map(|w| w.join().unwrap())
-        .collect();
+    let (mut acked, mut unknown) = (Vec::new(), Vec::new());
+    for w in writers {
+        let (a, u) = w.join().unwrap();
+        acked.extend(a);
+        unknown.extend(u);
+    }
     let answers = poller.join().unwrap();
     println!(
         "200 writes in {} ms; poller got {answers} answers before the kill",
         start.elapsed().as_millis()
     );
-    assert_eq!(acked.len(), 200);
+    println!(
+        "{} acknowledged, {} with unknown outcome (in flight at the kill)",
+        acked.len(),
+        unknown.len()
+    );
+    assert!(
+        unknown.len() <= 2,
+        "one in-flight command per writer: {unknown:?}"
+    );
+    assert_eq!(acked.len() + unknown.len(), 200);
 
     // Reopen: everything acknowledged is there, the counter matches, the file is sound.
     let mut reg = Registry::open(&db).unwrap();
     let snap = reg.snapshot().unwrap();
-    assert_eq!(snap.devices.len(), 100);
-    assert_eq!(snap.apps.len(), 100);
-    assert_eq!(snap.revision, 1 + 200);
+    let present = snap.devices.len() + snap.apps.len();
+    assert!(present >= acked.len() && present <= 200, "{present} rows");
+    assert_eq!(
+        snap.revision,
+        1 + present as u64,
+        "one revision per applied write"
+    );
     for n in acked {
         if n % 2 == 0 {
             assert!(snap.devices.iter().any(|d| d.name == format!("dev{n}")));

@@ -220,7 +220,15 @@ fn stale_socket_is_replaced_live_one_is_not_and_sigterm_cleans_up() {
     // A regular file in the way is not deleted.
     let file = dir.path().join("file");
     std::fs::write(&file, "keep me").unwrap();
-    let (code, _, err) = run(&db, &["serve", "--socket", file.to_str().unwrap()]);
+    let (code, _, err) = run(
+        &db,
+        &[
+            "serve",
+            "--no-admin-socket",
+            "--socket",
+            file.to_str().unwrap(),
+        ],
+    );
     assert_eq!(code, 1);
     assert!(err.contains("not a socket"), "{err}");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");

@@ -108,7 +108,31 @@ write("key_text", "device-secret", "postern-device-secret:v1:" + b64(bytes.fromh
 write("key_text", "gateway-secret", "postern-gateway-secret:v1:" + b64(bytes.fromhex(v["gateway_secret"])) + "\n")
 write("key_text", "device-id", v["device_id"])
 
+# api_auth: request-signature header values (device, timestamp, nonce, signature; one per
+# line) and an invite token, in the forms the client sends and the controller prints.
+write("api_auth", "headers", "\n".join([v["device_id"], "1767225600", "ab" * 16, "cd" * 64]))
+write("api_auth", "invite", "postern-invite:v1:" + base64.urlsafe_b64encode(bytes(range(32))).decode().rstrip("=") + ":" + "5e" * 32)
+
 # policy_file: the full example of docs/policy.md (the first ```toml block).
 doc = open(os.path.join(ROOT, "docs", "policy.md")).read()
 start = doc.index("```toml\n") + len("```toml\n")
 write("policy_file", "docs-example", doc[start:doc.index("```", start)])
+
+# posture_report: a full report as the client sends it, the smallest valid one, and a few
+# refused shapes (unknown field, repeated custom check, bad timestamp).
+write("posture_report", "full", json.dumps({
+    "collected_at": "2026-11-23T13:00:00Z",
+    "os_family": "linux",
+    "os_version": "24.04",
+    "kernel": "6.8.0-49-generic",
+    "last_package_update": "2026-11-20T08:15:00+01:00",
+    "disk_encrypted": True,
+    "firewall_on": True,
+    "processes": ["falcon-sensor", "sshd"],
+    "mdm_enrolled": False,
+    "custom": {"screen_lock": True, "usb_storage_blocked": False},
+}, indent=2))
+write("posture_report", "minimal", '{"collected_at":"2026-11-23T13:00:00Z"}')
+write("posture_report", "unknown-field", '{"collected_at":"2026-11-23T13:00:00Z","antivirus":true}')
+write("posture_report", "repeated-check", '{"collected_at":"2026-11-23T13:00:00Z","custom":{"a":true,"a":false}}')
+write("posture_report", "bad-time", '{"collected_at":"2026-02-30T25:00:00Z","kernel":"6.1"}')

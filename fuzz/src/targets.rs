@@ -27,13 +27,15 @@ use postern_protocol::snapshot::Snapshot;
 pub type Target = fn(&[u8]);
 
 /// Every target by name, as `cargo fuzz` and `fuzz/corpus/<name>/` know it.
-pub const TARGETS: [(&str, Target); 6] = [
+pub const TARGETS: [(&str, Target); 8] = [
     ("spa_open", spa_open),
     ("capture_ip", capture_ip),
     ("gateway_config", gateway_config),
     ("sync_messages", sync_messages),
     ("key_text", key_text),
     ("policy_file", policy_file),
+    ("api_auth", api_auth),
+    ("posture_report", posture_report),
 ];
 
 /// The SPA port sniff mode looks for in `capture_ip`.
@@ -260,5 +262,92 @@ pub fn policy_file(data: &[u8]) {
                 assert!(g.expires_at >= now, "{e}");
             }
         }
+    }
+}
+
+/// The client API's request-signature headers and the invite token: whatever parses
+/// prints back to exactly the input (one spelling per value) and re-parses to the same
+/// value; verification of anything that parses returns instead of panicking.
+pub fn api_auth(data: &[u8]) {
+    use postern_protocol::api_auth::{InviteToken, SignedHeaders};
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let mut lines = text.split('\n');
+    let fields: [Option<&str>; 4] = std::array::from_fn(|_| lines.next());
+    if let Ok(h) = SignedHeaders::parse(fields[0], fields[1], fields[2], fields[3]) {
+        let printed = h.to_headers().map(|(_, v)| v);
+        for (p, f) in printed.iter().zip(fields) {
+            assert_eq!(Some(p.as_str()), f, "accepted header values are canonical");
+        }
+        let key = DeviceSigningKey::from_seed([1; 32]).public_key();
+        let _ = h.verify(&key, "POST", "/v1/posture", data, h.timestamp);
+    }
+    if let Ok(t) = InviteToken::parse(text) {
+        let again = InviteToken::parse(&t.to_text()).expect("printed token parses");
+        assert_eq!(again, t);
+    }
+}
+
+/// The posture report parser (docs/posture.md): every error is one line; whatever parses
+/// stays inside the documented caps, converts to facts field for field, and can be
+/// checked against a requirement that looks at every fact.
+pub fn posture_report(data: &[u8]) {
+    use postern_policy::report::{
+        MAX_CUSTOM_CHECKS, MAX_PROCESSES, MAX_REPORT_BYTES, MAX_STRING_BYTES,
+    };
+    use postern_policy::{PostureFacts, PostureReport, Requirement, Timestamp, Version};
+    let report = match PostureReport::parse(data) {
+        Ok(r) => r,
+        Err(e) => {
+            let line = e.to_string();
+            assert!(!line.contains('\n'), "multi-line error: {line:?}");
+            assert!(
+                line.starts_with("posture report"),
+                "unnamed error: {line:?}"
+            );
+            return;
+        }
+    };
+    assert!(data.len() <= MAX_REPORT_BYTES);
+    let reported = &report.facts;
+    assert_eq!(reported.expires, None);
+    assert!(reported.processes.len() <= MAX_PROCESSES);
+    assert!(reported.custom.len() <= MAX_CUSTOM_CHECKS);
+    for s in [&reported.os_family, &reported.os_version, &reported.kernel]
+        .into_iter()
+        .flatten()
+        .chain(&reported.processes)
+        .chain(reported.custom.keys())
+    {
+        assert!(!s.is_empty() && s.len() <= MAX_STRING_BYTES, "{s:?}");
+        assert!(!s.chars().any(char::is_control), "{s:?}");
+    }
+    let expires = Timestamp::from_second(1_781_528_400).unwrap_or(Timestamp::MAX);
+    let facts = report.to_facts(expires);
+    assert_eq!(facts.expires, Some(expires));
+    assert_eq!(
+        PostureFacts {
+            expires: None,
+            ..facts.clone()
+        },
+        *reported
+    );
+    let every_fact = Requirement {
+        name: "all".into(),
+        remediation: "fix it".into(),
+        os_family: Some("linux".into()),
+        os_min_version: Some(Version(vec![22, 4])),
+        min_kernel: Some(Version(vec![6, 1])),
+        max_days_since_update: Some(14),
+        disk_encryption: true,
+        firewall: true,
+        processes: vec!["falcon-sensor".into()],
+        mdm: true,
+        custom: vec!["screen_lock".into()],
+    };
+    let now = Timestamp::from_second(1_781_524_800).unwrap_or(Timestamp::UNIX_EPOCH);
+    if let Err(why) = postern_policy::check_requirement(&every_fact, &facts, now) {
+        assert!(!why.contains('\n'), "{why:?}");
     }
 }

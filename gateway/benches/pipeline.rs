@@ -55,6 +55,7 @@ fn bench_decide(c: &mut Criterion) {
                 user: format!("user{u}"),
             })
             .collect(),
+        access: None,
     };
     let (view, warnings) = RegistryView::from_snapshot(&snapshot);
     assert!(warnings.is_empty(), "{warnings:?}");

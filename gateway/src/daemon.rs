@@ -30,6 +30,8 @@ use crate::unix_ms;
 const POLL: Duration = Duration::from_millis(50);
 /// How often the drop and decision counters are written as a `stats` audit event.
 const STATS_EVERY: Duration = Duration::from_secs(10);
+/// How often live sessions are checked against the access records' `until` (policy mode).
+const ACCESS_RECHECK: Duration = Duration::from_secs(1);
 
 /// Runs the gateway until SIGINT or SIGTERM.
 pub fn run(cfg: &Config) -> Result<()> {
@@ -82,24 +84,36 @@ pub fn run(cfg: &Config) -> Result<()> {
 }
 
 /// When a new registry revision has arrived, closes every live session it no longer
-/// allows (device revoked or deleted, grant or app removed): the session element goes, so
-/// the flow stops passing packets at once, and its conntrack entries are deleted.
+/// allows (device revoked or deleted, grant or app removed, access record gone): the
+/// session element goes, so the flow stops passing packets at once, and its conntrack
+/// entries are deleted. In policy mode it also checks every [`ACCESS_RECHECK`] for access
+/// records whose `until` has passed (no controller needed: fails closed on its own).
 fn close_revoked_sessions(
     view: &crate::sync::SharedView,
     applied_revision: &mut Option<u64>,
+    next_access_check: &mut Instant,
     pipeline: &mut KnockPipeline,
     firewall: &mut Firewall,
     audit: &AuditLog,
+    now_ms: u64,
 ) {
     let current = view.load();
     let Some(registry) = current.as_deref() else {
         return;
     };
-    if *applied_revision == Some(registry.revision) {
+    let changed = *applied_revision != Some(registry.revision);
+    let access_due = registry.policy_mode() && Instant::now() >= *next_access_check;
+    if !changed && !access_due {
         return;
     }
     *applied_revision = Some(registry.revision);
-    for session in pipeline.sessions_revoked_by(registry) {
+    *next_access_check = Instant::now() + ACCESS_RECHECK;
+    let reason = if changed {
+        "registry_change"
+    } else {
+        "access_expired"
+    };
+    for session in pipeline.sessions_revoked_by(registry, now_ms) {
         let closed = firewall.close_session(session);
         if let Err(e) = &closed {
             tracing::error!(session = session.0, error = %e, "revoked session could not be closed");
@@ -107,7 +121,7 @@ fn close_revoked_sessions(
         audit.event(
             unix_ms(),
             "session_closed",
-            json!({ "session": session.0, "reason": "registry_change", "revision": registry.revision, "ok": closed.is_ok() }),
+            json!({ "session": session.0, "reason": reason, "revision": registry.revision, "ok": closed.is_ok() }),
         );
     }
 }
@@ -192,11 +206,20 @@ fn serve(
     .context("start the capture and crypto threads")?;
     let mut result = Ok(());
     let mut applied_revision = None;
+    let mut next_access_check = Instant::now();
     // Forward mode: IP forwarding is switched on at the first forwarded knock, off at stop.
     let mut forwarding = crate::forwarding::Forwarding::new();
     let mut next_stats = Instant::now() + STATS_EVERY;
     while !stop.load(Ordering::Relaxed) {
-        close_revoked_sessions(&view, &mut applied_revision, &mut pipeline, firewall, audit);
+        close_revoked_sessions(
+            &view,
+            &mut applied_revision,
+            &mut next_access_check,
+            &mut pipeline,
+            firewall,
+            audit,
+            clock.now_ms(),
+        );
         pipeline.replay_mut().tick(clock.now_ms());
         if Instant::now() >= next_stats {
             next_stats = Instant::now() + STATS_EVERY;

@@ -129,13 +129,17 @@ impl SessionTable {
     }
 
     /// Removes and returns the sessions whose device is now unknown or revoked, or whose
-    /// app is gone or no longer granted to the device's user.
-    fn revoked_by(&mut self, view: &RegistryView) -> Vec<SessionId> {
+    /// app is gone, or that the view no longer permits at `now_secs` (legacy mode: the
+    /// user's grant is withdrawn; policy mode: the (device, app) access record disappeared
+    /// or its `until` has passed).
+    fn revoked_by(&mut self, view: &RegistryView, now_secs: u64) -> Vec<SessionId> {
         let by_id = &mut self.by_id;
         let mut closed = Vec::new();
         self.by_key.retain(|(device, app, _), (id, _)| {
             let allowed = view.device(device).is_some_and(|d| {
-                !d.revoked && view.app(app).is_some() && view.is_granted(app, &d.user)
+                !d.revoked
+                    && view.app(app).is_some()
+                    && view.permits(device, &d.user, app, now_secs).is_ok()
             });
             if !allowed {
                 by_id.remove(&id.0);
@@ -290,11 +294,13 @@ impl KnockPipeline {
         &mut self.replay
     }
 
-    /// Forgets and returns the live sessions that `view` no longer allows (device revoked
-    /// or deleted, app removed, grant withdrawn): the caller closes them in the firewall,
-    /// which stops their flows at once.
-    pub fn sessions_revoked_by(&mut self, view: &RegistryView) -> Vec<SessionId> {
-        self.sessions.revoked_by(view)
+    /// Forgets and returns the live sessions that `view` no longer allows at `now_ms`
+    /// (device revoked or deleted, app removed, grant withdrawn; in policy mode the access
+    /// record gone or past its `until`): the caller closes them in the firewall, which
+    /// stops their flows at once. Called on every new snapshot and, in policy mode,
+    /// periodically, so access that runs out closes even with the controller away.
+    pub fn sessions_revoked_by(&mut self, view: &RegistryView, now_ms: u64) -> Vec<SessionId> {
+        self.sessions.revoked_by(view, now_ms / 1000)
     }
 
     /// Decides what to do with `datagram` from `src` at `now_ms`. `new_id` supplies
@@ -360,8 +366,8 @@ impl KnockPipeline {
         let Some(app) = view.app(&knock.app) else {
             return deny("unknown_app");
         };
-        if !view.is_granted(&app.name, &device.user) {
-            return deny("not_granted");
+        if let Err(refusal) = view.permits(&device_id, &device.user, &app.name, now_ms / 1000) {
+            return deny(refusal.reason());
         }
         // The signed claimed address binds the knock to its sender: a copy replayed first
         // from another address (an on-path race) is refused instead of opening a door there.
@@ -402,7 +408,9 @@ mod tests {
     use super::*;
     use postern_protocol::keys::DeviceSigningKey;
     use postern_protocol::packet::{seal, Knock, SealRandomness};
-    use postern_protocol::snapshot::{AppRecord, DeviceRecord, GrantRecord, Snapshot};
+    use postern_protocol::snapshot::{
+        AccessRecord, AppRecord, DeviceRecord, GrantRecord, Snapshot,
+    };
 
     const NOW: u64 = 1_800_000_000_000;
     const SRC: &str = "10.1.1.1";
@@ -431,15 +439,18 @@ mod tests {
         }
     }
 
-    fn fixture() -> Fixture {
-        let secret = GatewaySecret::from_bytes([7; 32]);
-        let gateway = secret.public_key();
-        let alice = DeviceSigningKey::from_seed([1; 32]);
+    fn alice_key() -> DeviceSigningKey {
+        DeviceSigningKey::from_seed([1; 32])
+    }
+
+    /// Alice's laptop and mallory's revoked device; apps ssh (local) and db (forwarded);
+    /// ssh granted to both users (legacy mode: no access records).
+    fn fixture_snapshot() -> Snapshot {
         let mallory = DeviceSigningKey::from_seed([2; 32]);
-        let snapshot = Snapshot {
+        Snapshot {
             revision: 3,
             devices: vec![
-                device_record(&alice, "laptop", "alice", false),
+                device_record(&alice_key(), "laptop", "alice", false),
                 device_record(&mallory, "stolen", "mallory", true),
             ],
             apps: vec![
@@ -466,8 +477,15 @@ mod tests {
                     user: "mallory".into(),
                 },
             ],
-        };
-        let (view, warnings) = RegistryView::from_snapshot(&snapshot);
+            access: None,
+        }
+    }
+
+    fn fixture() -> Fixture {
+        let secret = GatewaySecret::from_bytes([7; 32]);
+        let gateway = secret.public_key();
+        let alice = alice_key();
+        let (view, warnings) = RegistryView::from_snapshot(&fixture_snapshot());
         assert!(warnings.is_empty(), "{warnings:?}");
         let limits = PipelineLimits {
             max_skew_ms: 30_000,
@@ -688,6 +706,7 @@ mod tests {
                     user: "bob".into(),
                 },
             ],
+            access: None,
         };
         f.view = RegistryView::from_snapshot(&snapshot).0;
         let session_of = |d: Decision| match d {
@@ -697,15 +716,111 @@ mod tests {
         let a = session_of(f.run(&knock(&alice, "ssh", NOW, 31), &alice, NOW));
         let b = session_of(f.run(&knock(&bob, "ssh", NOW, 32), &bob, NOW));
         // Nothing changed: nothing to close.
-        assert!(f.pipeline.sessions_revoked_by(&f.view).is_empty());
+        assert!(f.pipeline.sessions_revoked_by(&f.view, NOW).is_empty());
         // Alice's device revoked: only her session closes, once.
         snapshot.devices[0].revoked = true;
         let view = RegistryView::from_snapshot(&snapshot).0;
-        assert_eq!(f.pipeline.sessions_revoked_by(&view), vec![a]);
-        assert!(f.pipeline.sessions_revoked_by(&view).is_empty());
+        assert_eq!(f.pipeline.sessions_revoked_by(&view, NOW), vec![a]);
+        assert!(f.pipeline.sessions_revoked_by(&view, NOW).is_empty());
         // Bob's grant withdrawn: his closes too.
         snapshot.grants.pop();
         let view = RegistryView::from_snapshot(&snapshot).0;
-        assert_eq!(f.pipeline.sessions_revoked_by(&view), vec![b]);
+        assert_eq!(f.pipeline.sessions_revoked_by(&view, NOW), vec![b]);
+    }
+
+    /// The fixture's registry in policy mode: `access` replaces the grants (which still
+    /// name alice for ssh, and must now be ignored).
+    fn policy_view(access: Vec<AccessRecord>) -> RegistryView {
+        let mut snapshot = fixture_snapshot();
+        snapshot.revision = 9;
+        snapshot.access = Some(access);
+        let (view, warnings) = RegistryView::from_snapshot(&snapshot);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert!(view.policy_mode());
+        view
+    }
+
+    fn record(key: &DeviceSigningKey, app: &str, until: Option<u64>) -> AccessRecord {
+        AccessRecord {
+            device: key.public_key().device_id().to_string(),
+            app: app.into(),
+            until,
+        }
+    }
+
+    #[test]
+    fn legacy_mode_without_access_records_uses_grants() {
+        let mut f = fixture();
+        assert!(!f.view.policy_mode());
+        let alice = f.alice.clone();
+        assert_eq!(
+            f.run(&knock(&alice, "ssh", NOW, 41), &alice, NOW).reason(),
+            "granted"
+        );
+        assert_eq!(
+            f.run(&knock(&alice, "db", NOW, 42), &alice, NOW).reason(),
+            "not_granted"
+        );
+    }
+
+    #[test]
+    fn policy_mode_admits_only_devices_with_a_live_access_record() {
+        let mut f = fixture();
+        let alice = f.alice.clone();
+        let now_secs = NOW / 1000;
+        // ssh granted by the legacy grant but no access record: denied by policy.
+        f.view = policy_view(vec![record(&alice, "db", Some(now_secs + 60))]);
+        let d = f.run(&knock(&alice, "ssh", NOW, 51), &alice, NOW);
+        assert_eq!((d.verdict(), d.reason()), ("deny", "policy_denied"));
+        let d = f.run(&knock(&alice, "db", NOW, 52), &alice, NOW);
+        assert_eq!((d.verdict(), d.reason()), ("allow", "granted"));
+        // At `until` the record no longer admits, with no new snapshot.
+        let at_until = (now_secs + 60) * 1000;
+        let d = f.run(&knock(&alice, "db", at_until, 53), &alice, at_until);
+        assert_eq!(d.reason(), "policy_denied");
+        // No `until`: no time limit. An empty list is policy mode with nothing allowed.
+        f.view = policy_view(vec![record(&alice, "ssh", None)]);
+        assert_eq!(
+            f.run(&knock(&alice, "ssh", NOW, 54), &alice, NOW).reason(),
+            "granted"
+        );
+        f.view = policy_view(vec![]);
+        assert_eq!(
+            f.run(&knock(&alice, "ssh", NOW, 55), &alice, NOW).reason(),
+            "policy_denied"
+        );
+    }
+
+    #[test]
+    fn policy_mode_closes_sessions_whose_access_record_disappeared() {
+        let mut f = fixture();
+        let alice = f.alice.clone();
+        f.view = policy_view(vec![
+            record(&alice, "ssh", None),
+            record(&alice, "db", None),
+        ]);
+        let session_of = |d: Decision| match d {
+            Decision::Allow { pinhole, .. } => pinhole.session,
+            other => panic!("expected allow, got {other:?}"),
+        };
+        let ssh = session_of(f.run(&knock(&alice, "ssh", NOW, 61), &alice, NOW));
+        let db = session_of(f.run(&knock(&alice, "db", NOW, 62), &alice, NOW));
+        assert!(f.pipeline.sessions_revoked_by(&f.view, NOW).is_empty());
+        // The db record is gone (the grant for ssh is irrelevant in policy mode).
+        let view = policy_view(vec![record(&alice, "ssh", Some(NOW / 1000 + 5))]);
+        assert_eq!(f.pipeline.sessions_revoked_by(&view, NOW), vec![db]);
+        // The same view later: the ssh record's `until` has passed, with no new snapshot.
+        assert!(f
+            .pipeline
+            .sessions_revoked_by(&view, NOW + 4_999)
+            .is_empty());
+        assert_eq!(
+            f.pipeline.sessions_revoked_by(&view, NOW + 5_000),
+            vec![ssh]
+        );
+        // A legacy grant does not keep a session open in policy mode.
+        let ssh = session_of(f.run(&knock(&alice, "ssh", NOW, 63), &alice, NOW));
+        let view = policy_view(vec![]);
+        assert_eq!(f.pipeline.sessions_revoked_by(&view, NOW), vec![ssh]);
     }
 }

@@ -1,8 +1,10 @@
 //! The gateway's read-only view of the controller's registry, indexed for the knock path.
 //!
 //! Owns the conversion of a `Snapshot` (as sent by the controller) into lookup tables:
-//! devices by id with parsed public keys, apps by name, grants as (app, user) pairs.
-//! Built once per snapshot, then shared immutably. Must not talk to the controller.
+//! devices by id with parsed public keys, apps by name, grants as (app, user) pairs, and in
+//! policy mode the controller's access records by (device, app). Built once per snapshot,
+//! then shared immutably. Must not talk to the controller or evaluate policy (the
+//! controller computes every decision; the gateway only looks them up).
 
 use std::collections::{HashMap, HashSet};
 
@@ -25,6 +27,28 @@ pub struct RegistryView {
     devices: HashMap<DeviceId, DeviceEntry>,
     apps: HashMap<String, AppRecord>,
     grants: HashSet<(String, String)>,
+    /// Policy mode: (device, app) -> `until` (unix seconds; `None` = no limit). `None`
+    /// here means legacy mode (the snapshot had no `access`): `grants` decide.
+    access: Option<HashMap<(DeviceId, String), Option<u64>>>,
+}
+
+/// Why [`RegistryView::permits`] refuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Legacy mode: no grant for the device's user.
+    NotGranted,
+    /// Policy mode: no access record for (device, app), or its `until` has passed.
+    PolicyDenied,
+}
+
+impl Refusal {
+    /// The audit reason.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refusal::NotGranted => "not_granted",
+            Refusal::PolicyDenied => "policy_denied",
+        }
+    }
 }
 
 impl RegistryView {
@@ -70,11 +94,32 @@ impl RegistryView {
             .iter()
             .map(|g| (g.app.clone(), g.user.clone()))
             .collect();
+        let access = snapshot.access.as_ref().map(|records| {
+            let mut access = HashMap::with_capacity(records.len());
+            for r in records {
+                match r.device.parse::<DeviceId>() {
+                    // Two records for one pair: the later `until` (none = unlimited) wins.
+                    Ok(id) => {
+                        let until = access.entry((id, r.app.clone())).or_insert(r.until);
+                        *until = match (*until, r.until) {
+                            (Some(a), Some(b)) => Some(a.max(b)),
+                            _ => None,
+                        };
+                    }
+                    Err(e) => warnings.push(format!(
+                        "access record for app {:?}: unusable device id {:?}: {e}",
+                        r.app, r.device
+                    )),
+                }
+            }
+            access
+        });
         let view = RegistryView {
             revision: snapshot.revision,
             devices,
             apps,
             grants,
+            access,
         };
         (view, warnings)
     }
@@ -89,6 +134,36 @@ impl RegistryView {
 
     pub fn is_granted(&self, app: &str, user: &str) -> bool {
         self.grants.contains(&(app.to_owned(), user.to_owned()))
+    }
+
+    /// True when the snapshot carried access records (a policy is applied).
+    pub fn policy_mode(&self) -> bool {
+        self.access.is_some()
+    }
+
+    /// Whether `device` (owned by `user`) may open `app` at `now_secs` (unix seconds).
+    /// Policy mode: only an access record for (device, app) whose `until` is absent or
+    /// later than `now_secs` admits; grants are ignored. Legacy mode: a grant for `user`.
+    pub fn permits(
+        &self,
+        device: &DeviceId,
+        user: &str,
+        app: &str,
+        now_secs: u64,
+    ) -> Result<(), Refusal> {
+        match &self.access {
+            Some(access) => match access.get(&(*device, app.to_owned())) {
+                Some(until) if until.is_none_or(|u| u > now_secs) => Ok(()),
+                _ => Err(Refusal::PolicyDenied),
+            },
+            None if self.is_granted(app, user) => Ok(()),
+            None => Err(Refusal::NotGranted),
+        }
+    }
+
+    /// How many (device, app) access records the view holds (0 in legacy mode).
+    pub fn access_count(&self) -> usize {
+        self.access.as_ref().map_or(0, HashMap::len)
     }
 
     pub fn device_count(&self) -> usize {

@@ -119,7 +119,7 @@ fn follow(socket: &PathBuf, view: &SharedView, audit: &AuditLog, stop: &AtomicBo
         audit.event(
             unix_ms(),
             "sync",
-            json!({ "revision": next.revision, "devices": next.device_count(), "warnings": warnings.len() }),
+            json!({ "revision": next.revision, "devices": next.device_count(), "policy_mode": next.policy_mode(), "access_records": next.access_count(), "warnings": warnings.len() }),
         );
         view.store(Some(Arc::new(next)));
     }

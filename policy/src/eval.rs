@@ -122,6 +122,12 @@ pub struct Grant {
     pub session_mode: SessionMode,
     /// `now + lease`, cut short by the MFA age limit and the posture verdicts' expiry.
     pub expires_at: Timestamp,
+    /// The earliest instant at which this decision can stop holding without any change
+    /// to the device, the user or the policy: the MFA age limit running out, the posture
+    /// report or a verdict expiring, the package-update age limit passing, the granting
+    /// rule's time window closing, or an applicable deny rule's window opening. `None`:
+    /// it holds until something changes. The lease is not part of it.
+    pub valid_until: Option<Timestamp>,
 }
 
 /// A refused access.
@@ -414,7 +420,7 @@ pub fn explain(policy: &PolicySet, req: &Request<'_>) -> Explanation {
                 }
             }
             Effect::Allow => match check_allow(policy, rule, req, source) {
-                Ok(expires_at) => {
+                Ok((expires_at, valid_until)) => {
                     step(
                         Outcome::Pass,
                         format!("applies to {who}; every condition holds"),
@@ -424,6 +430,10 @@ pub fn explain(policy: &PolicySet, req: &Request<'_>) -> Explanation {
                         lease: rule.lease,
                         session_mode: rule.session_mode,
                         expires_at,
+                        valid_until: earliest(
+                            valid_until,
+                            deny_windows_open(&ordered[..index], req, source),
+                        ),
                     };
                     not_reached(&mut steps, index);
                     return done(steps, Decision::Allow(grant));
@@ -487,13 +497,95 @@ fn plus(t: Timestamp, d: Duration) -> Timestamp {
     t.checked_add(secs(d)).unwrap_or(Timestamp::MAX)
 }
 
-/// All conditions of an allow rule; on success, when the grant must end.
+fn earliest(a: Option<Timestamp>, b: Option<Timestamp>) -> Option<Timestamp> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The earliest instant one of these deny rules (all evaluated before the grant and
+/// skipped) starts to apply because its time window opens.
+fn deny_windows_open(
+    rules: &[&Rule],
+    req: &Request<'_>,
+    source: Option<IpAddr>,
+) -> Option<Timestamp> {
+    rules
+        .iter()
+        .filter(|r| r.effect == Effect::Deny && r.covers_app(req.app))
+        .filter(|r| covers_subject(r, req.device).is_some())
+        .filter(|r| source.is_none() || in_networks(r, source))
+        .filter_map(|r| next_window_change(r, req.now))
+        .min()
+}
+
+/// The first instant after `now` at which `in_windows(rule, _)` differs from its value at
+/// `now`, looking at most nine days ahead; `None` for a rule without windows or when
+/// nothing changes within that horizon.
+///
+/// Candidates are every window start and end on the local days around `now` (a local
+/// time that falls into a DST gap maps forward, as jiff's compatible disambiguation does)
+/// and every UTC-offset transition of the zone; each is verified with `in_windows`, so a
+/// wrong candidate can only be skipped, never reported.
+pub fn next_window_change(rule: &Rule, now: Timestamp) -> Option<Timestamp> {
+    let zone = rule.time_zone.as_ref()?;
+    if rule.windows.is_empty() {
+        return None;
+    }
+    let horizon = now.checked_add(SignedDuration::from_hours(9 * 24)).ok()?;
+    let today = now.to_zoned_datetime(zone.tz.clone()).date();
+    let mut candidates: Vec<Timestamp> = Vec::new();
+    for offset in -1i64..=9 {
+        let Ok(day) = today.checked_add(SignedDuration::from_hours(offset * 24)) else {
+            continue;
+        };
+        for w in &rule.windows {
+            for (minute, next_day) in [(w.start, false), (w.end, w.end <= w.start)] {
+                let base = if next_day {
+                    day.tomorrow().ok()
+                } else {
+                    Some(day)
+                };
+                let Some(base) = base else { continue };
+                let (h, m) = (minute / 60, minute % 60);
+                let dt = if h >= 24 {
+                    base.tomorrow().ok().map(|d| d.at(0, 0, 0, 0))
+                } else {
+                    i8::try_from(h)
+                        .ok()
+                        .zip(i8::try_from(m).ok())
+                        .map(|(h, m)| base.at(h, m, 0, 0))
+                };
+                if let Some(t) = dt.and_then(|dt| zone.tz.to_timestamp(dt).ok()) {
+                    candidates.push(t);
+                }
+            }
+        }
+    }
+    candidates.extend(
+        zone.tz
+            .following(now)
+            .take_while(|t| t.timestamp() <= horizon)
+            .map(|t| t.timestamp()),
+    );
+    candidates.retain(|t| *t > now && *t <= horizon);
+    candidates.sort();
+    candidates.dedup();
+    let inside = in_windows(rule, now);
+    candidates
+        .into_iter()
+        .find(|t| in_windows(rule, *t) != inside)
+}
+
+/// All conditions of an allow rule; on success, when the grant must end (lease cut short)
+/// and when the decision can stop holding (see [`Grant::valid_until`]).
 fn check_allow(
     policy: &PolicySet,
     rule: &Rule,
     req: &Request<'_>,
     source: Option<IpAddr>,
-) -> Result<Timestamp, Failure> {
+) -> Result<(Timestamp, Option<Timestamp>), Failure> {
     let d = req.device;
     if !in_networks(rule, source) {
         return Err(Failure::SourceNetwork);
@@ -507,6 +599,7 @@ fn check_allow(
         }
     }
     let mut expires_at = plus(req.now, rule.lease);
+    let mut valid_until = next_window_change(rule, req.now);
     if let Some(max) = rule.mfa_max_age {
         let Some(last) = d.last_mfa else {
             return Err(Failure::MfaMissing);
@@ -517,6 +610,9 @@ fn check_allow(
             return Err(Failure::MfaTooOld { age, max });
         }
         expires_at = expires_at.min(plus(last, max).max(req.now));
+        // `age > max` compares whole seconds: the first failing instant is a second later.
+        let mfa_end = plus(last, max + Duration::from_secs(1));
+        valid_until = earliest(valid_until, Some(mfa_end));
     }
     for name in &rule.posture {
         // The parser resolved every name; a set built by hand may not have.
@@ -540,6 +636,7 @@ fn check_allow(
                 if let Some(e) = facts.expires {
                     expires_at = expires_at.min(e);
                 }
+                valid_until = earliest(valid_until, requirement_holds_until(requirement, facts));
             }
             Posture::Verdicts(verdicts) => {
                 let Some(v) = verdicts.get(name) else {
@@ -560,10 +657,24 @@ fn check_allow(
                     return Err(fail(detail));
                 }
                 expires_at = expires_at.min(v.expires);
+                valid_until = earliest(valid_until, Some(v.expires));
             }
         }
     }
-    Ok(expires_at)
+    Ok((expires_at, valid_until))
+}
+
+/// When facts that pass `req` now stop passing with time alone: the report's expiry and
+/// the package-update age limit (`age > days` in whole seconds fails a second after).
+fn requirement_holds_until(req: &Requirement, facts: &PostureFacts) -> Option<Timestamp> {
+    let update_limit = req.max_days_since_update.and_then(|days| {
+        let last = facts.last_package_update?;
+        Some(plus(
+            last,
+            Duration::from_secs(u64::from(days) * 86_400 + 1),
+        ))
+    });
+    earliest(facts.expires, update_limit)
 }
 
 /// Checks reported facts against one requirement at `now`; `Err` says what fails.

@@ -17,11 +17,12 @@ pub mod diff;
 pub mod eval;
 pub mod file;
 pub mod model;
+pub mod report;
 
 pub use diff::{diff, Change, PolicyDiff};
 pub use eval::{
-    check_requirement, decide, explain, Decision, Denial, DenyReason, Device, Explanation, Failure,
-    Grant, Outcome, Posture, PostureFacts, Request, Step, Verdict,
+    check_requirement, decide, explain, next_window_change, Decision, Denial, DenyReason, Device,
+    Explanation, Failure, Grant, Outcome, Posture, PostureFacts, Request, Step, Verdict,
 };
 pub use file::{parse, PolicyError, DEFAULT_LEASE};
 /// The timestamp type of [`Request::now`] and the posture times.
@@ -30,3 +31,4 @@ pub use model::{
     format_duration, parse_duration, Effect, PolicySet, Requirement, Rule, SessionMode, Version,
     Window, Zone,
 };
+pub use report::{PostureReport, ReportError};

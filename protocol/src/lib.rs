@@ -7,6 +7,7 @@
 //! Must not touch: sockets, files, the clock, randomness sources, threads or the
 //! firewall (sans-IO). Callers pass timestamps, ephemeral secrets and nonces in.
 
+pub mod api_auth;
 pub mod keys;
 pub mod packet;
 pub mod replay;

@@ -1,11 +1,12 @@
 //! Registry snapshot: the data the controller pushes and the gateway decides from.
 //!
-//! Owns: the serde (JSON) shape of devices, apps and grants, shared by the controller
-//! (producer; also its `--json` listings) and the gateway (consumer), plus small lookup
-//! helpers.
+//! Owns: the serde (JSON) shape of devices, apps, grants and policy access records,
+//! shared by the controller (producer; also its `--json` listings) and the gateway
+//! (consumer), plus small lookup helpers.
 //!
 //! Must not touch: storage (SQLite is the controller's), transport (the Unix socket sync
-//! protocol is the controller's and gateway's), the firewall or any policy decision.
+//! protocol is the controller's and gateway's), the firewall or any policy decision (the
+//! controller computes the access records; this module only carries them).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -24,8 +25,35 @@ pub struct Snapshot {
     pub devices: Vec<DeviceRecord>,
     /// Protected apps.
     pub apps: Vec<AppRecord>,
-    /// Which user may reach which app.
+    /// Which user may reach which app (legacy grants: used only while `access` is absent).
     pub grants: Vec<GrantRecord>,
+    /// Policy mode (docs/policy.md, "Enforcement at the gateway"): present once a policy is
+    /// applied, and then the only source of truth: a knock is admitted only with a record
+    /// for its (device, app) whose `until` has not passed; `grants` are ignored. Absent
+    /// (old controllers, no policy applied): `grants` decide.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<Vec<AccessRecord>>,
+}
+
+/// One (device, app) pair the controller's policy allows, computed without the knock's
+/// source address (rules restricted to source networks grant nothing here).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct AccessRecord {
+    /// Device id, 32 lowercase hex digits.
+    pub device: String,
+    /// App name.
+    pub app: String,
+    /// Unix seconds from which the record no longer admits (the decision may stop
+    /// holding then: MFA age, posture expiry, time window end). Absent: no time limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<u64>,
+}
+
+impl AccessRecord {
+    /// Whether the record admits at `now_secs` (unix seconds).
+    pub fn admits_at(&self, now_secs: u64) -> bool {
+        self.until.is_none_or(|u| u > now_secs)
+    }
 }
 
 /// One enrolled device.
@@ -143,6 +171,14 @@ impl Snapshot {
     pub fn is_granted(&self, app: &str, user: &str) -> bool {
         self.grants.iter().any(|g| g.app == app && g.user == user)
     }
+
+    /// The access record for (`device` id text, `app`), in policy mode.
+    pub fn access_record(&self, device: &str, app: &str) -> Option<&AccessRecord> {
+        self.access
+            .as_ref()?
+            .iter()
+            .find(|r| r.app == app && r.device.eq_ignore_ascii_case(device))
+    }
 }
 
 #[cfg(test)]
@@ -179,7 +215,45 @@ mod tests {
                 app: "ssh".into(),
                 user: "alice".into(),
             }],
+            access: None,
         }
+    }
+
+    #[test]
+    fn access_is_optional_on_the_wire() {
+        // A snapshot from a controller without policy has no `access` key and parses.
+        let mut s = sample();
+        let json = serde_json::to_string(&s).expect("serialize");
+        assert!(!json.contains("access"), "{json}");
+        s.access = Some(vec![
+            AccessRecord {
+                device: s.devices[0].id.clone(),
+                app: "ssh".into(),
+                until: Some(100),
+            },
+            AccessRecord {
+                device: s.devices[0].id.clone(),
+                app: "dns".into(),
+                until: None,
+            },
+        ]);
+        let json = serde_json::to_string(&s).expect("serialize");
+        let back: Snapshot = serde_json::from_str(&json).expect("deserialize");
+        assert_eq!(back, s);
+        let id = s.devices[0].id.to_uppercase();
+        let ssh = back.access_record(&id, "ssh").expect("ssh record");
+        assert!(ssh.admits_at(99) && !ssh.admits_at(100));
+        assert!(back
+            .access_record(&id, "dns")
+            .expect("dns")
+            .admits_at(u64::MAX));
+        assert!(back.access_record(&id, "web").is_none());
+        // An empty list is policy mode with nothing allowed, distinct from absent.
+        let empty: Snapshot = serde_json::from_str(
+            r#"{"revision":1,"devices":[],"apps":[],"grants":[],"access":[]}"#,
+        )
+        .expect("empty access");
+        assert_eq!(empty.access, Some(vec![]));
     }
 
     #[test]

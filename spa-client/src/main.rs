@@ -16,6 +16,8 @@ use postern_protocol::keys::{DeviceSigningKey, GatewayPublicKey};
 use postern_protocol::packet::{self, flags, Knock, SealRandomness};
 use zeroize::Zeroizing;
 
+mod controller_cmd;
+
 /// The SPA port a gateway listens to (sniffs) when none is given.
 const DEFAULT_SPA_PORT: u16 = 62201;
 
@@ -72,6 +74,84 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Register this device with the controller using the admin's one-time invite token.
+    ///
+    /// Example: postern enroll --controller https://controller.example.org:8443 --token postern-invite:v1:...
+    ///
+    /// Only the public key is sent (with a signature proving this device holds the private
+    /// key). The controller's certificate is pinned from the token; the settings are saved
+    /// as controller.json beside the key (mode 0600).
+    Enroll {
+        /// The controller's client API, https://HOST:PORT.
+        #[arg(long, value_name = "URL")]
+        controller: String,
+        /// The token printed by `postern-controller device invite`.
+        #[arg(
+            long,
+            value_name = "TOKEN",
+            env = "POSTERN_INVITE_TOKEN",
+            hide_env_values = true
+        )]
+        token: String,
+        /// Device key file (default: ~/.config/postern/device.key).
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
+        /// Create the device key first if it does not exist yet.
+        #[arg(long)]
+        generate: bool,
+        /// Print {device_id, name, user} as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Prove the second factor (TOTP code from your authenticator app) to the controller.
+    ///
+    /// Example: postern login --code 123456    (without --code, asks on the terminal)
+    Login {
+        /// The 6-digit code; asked for on the terminal when omitted.
+        #[arg(long, value_name = "CODE")]
+        code: Option<String>,
+        /// Device key file (default: ~/.config/postern/device.key).
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
+        /// Print {device_id, last_mfa} as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Device posture commands.
+    #[command(subcommand)]
+    Posture(PostureCommand),
+    /// Show how the controller sees this device (name, user, last MFA).
+    ///
+    /// Example: postern whoami --json
+    Whoami {
+        /// Device key file (default: ~/.config/postern/device.key).
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
+        /// Print {device_id, name, user, last_mfa} as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PostureCommand {
+    /// Send a posture report (signed by the device key) to the controller.
+    ///
+    /// Example: postern posture report --facts facts.json
+    ///
+    /// The file is the JSON report described in docs/posture.md, e.g.
+    /// {"collected_at":"2026-11-23T10:00:00Z","os_family":"linux","disk_encrypted":true}.
+    Report {
+        /// The report file (at most 64 KiB).
+        #[arg(long, value_name = "FILE.json")]
+        facts: PathBuf,
+        /// Device key file (default: ~/.config/postern/device.key).
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
+        /// Print {received_at, expires_at} as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -124,6 +204,18 @@ fn execute(command: Command) -> Result<()> {
             allow_ip,
             json,
         ),
+        Command::Enroll {
+            controller,
+            token,
+            key,
+            generate,
+            json,
+        } => controller_cmd::enroll(&controller, &token, &key_path(key)?, generate, json),
+        Command::Login { code, key, json } => controller_cmd::login(code, &key_path(key)?, json),
+        Command::Posture(PostureCommand::Report { facts, key, json }) => {
+            controller_cmd::posture_report(&facts, &key_path(key)?, json)
+        }
+        Command::Whoami { key, json } => controller_cmd::whoami(&key_path(key)?, json),
     }
 }
 
@@ -239,7 +331,7 @@ fn key_path(flag: Option<PathBuf>) -> Result<PathBuf> {
     Ok(base.join("postern").join("device.key"))
 }
 
-fn generate_key(path: &Path, force: bool) -> Result<DeviceSigningKey> {
+pub(crate) fn generate_key(path: &Path, force: bool) -> Result<DeviceSigningKey> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -270,7 +362,7 @@ fn generate_key(path: &Path, force: bool) -> Result<DeviceSigningKey> {
     Ok(signing)
 }
 
-fn load_key(path: &Path) -> Result<DeviceSigningKey> {
+pub(crate) fn load_key(path: &Path) -> Result<DeviceSigningKey> {
     let meta = std::fs::metadata(path).with_context(|| {
         format!(
             "no device key at {}: run `postern keygen` first",

@@ -37,6 +37,34 @@ impl Controller {
     /// Starts `postern-controller --db DIR/registry.db serve --socket DIR/controller.sock`
     /// and waits for the socket to appear.
     pub fn start() -> Controller {
+        Controller::start_with(&[])
+    }
+
+    /// Like [`Controller::start`], with the HTTPS client API on an ephemeral loopback
+    /// port (see [`Controller::api_url`]).
+    pub fn start_with_api() -> Controller {
+        Controller::start_with(&["--api", "127.0.0.1:0"])
+    }
+
+    /// `https://127.0.0.1:PORT` of a controller started with [`Controller::start_with_api`],
+    /// read from its `api listening on ADDR` log line.
+    pub fn api_url(&self) -> String {
+        let addr = poll(READY_TIMEOUT, Duration::from_millis(10), || {
+            self.log_text()
+                .lines()
+                .find_map(|l| l.split("api listening on ").nth(1))
+                .map(|rest| rest.split_whitespace().next().unwrap_or("").to_owned())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "the controller logged no `api listening on ADDR` within {READY_TIMEOUT:?}:\n{}",
+                self.log_text()
+            )
+        });
+        format!("https://{addr}")
+    }
+
+    fn start_with(serve_args: &[&str]) -> Controller {
         let dir = tempfile::Builder::new()
             .prefix("postern-ctl-")
             .tempdir()
@@ -50,6 +78,7 @@ impl Controller {
             .arg("serve")
             .arg("--socket")
             .arg(&socket)
+            .args(serve_args)
             .stdin(std::process::Stdio::null())
             .stdout(crate::lab::open_append(&log))
             .stderr(crate::lab::open_append(&log));

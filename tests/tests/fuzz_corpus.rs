@@ -123,6 +123,16 @@ fn policy_file_corpus() {
     replay("policy_file");
 }
 
+#[test]
+fn api_auth_corpus() {
+    replay("api_auth");
+}
+
+#[test]
+fn posture_report_corpus() {
+    replay("posture_report");
+}
+
 /// The seeds are real, valid inputs: each known-answer knock opens and verifies under its
 /// vector's keys, so the fuzzer (and this replay) reach past the AEAD.
 #[test]
