@@ -598,9 +598,11 @@ fn store_report(
     use crate::policy_store::PolicyStoreError;
     match reg.store_posture_report(id, raw, now, expires_at) {
         Ok(_) => Ok(()),
-        Err(PolicyStoreError::Report(e)) => {
-            Err(ApiFailure::new(StatusCode::BAD_REQUEST, e.to_string()))
-        }
+        Err(
+            e @ (PolicyStoreError::Report(_)
+            | PolicyStoreError::ReportFromFuture { .. }
+            | PolicyStoreError::StaleReport { .. }),
+        ) => Err(ApiFailure::new(StatusCode::BAD_REQUEST, e.to_string())),
         Err(e) => Err(ApiFailure::internal(e)),
     }
 }

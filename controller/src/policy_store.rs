@@ -21,6 +21,9 @@ use rusqlite::{params, Connection, OptionalExtension};
 use crate::proto::snapshot::AccessRecord;
 use crate::registry::{bump, Registry, RegistryError};
 
+/// How far in the future a report's `collected_at` may be (device clock skew).
+pub const MAX_REPORT_SKEW_SECS: u64 = 300;
+
 /// What can go wrong storing or evaluating policy and posture. One line each, naming the
 /// input and the fix.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +42,10 @@ pub enum PolicyStoreError {
     UnknownAppName(String),
     #[error("posture report expiry {expires_at} is not after its receipt {received_at}")]
     BadExpiry { received_at: u64, expires_at: u64 },
+    #[error("posture report collected_at is {ahead_secs} s in the future (at most {MAX_REPORT_SKEW_SECS} s accepted): fix the device's clock")]
+    ReportFromFuture { ahead_secs: u64 },
+    #[error("posture report was collected {age_secs} s ago, older than the posture lifetime ({ttl_secs} s): collect the facts again")]
+    StaleReport { age_secs: u64, ttl_secs: u64 },
     #[error("stored policy (sha256 {sha256}) no longer parses: {source}; apply a corrected file with `postern-controller policy apply FILE`")]
     StoredPolicyInvalid {
         sha256: String,
@@ -60,7 +67,9 @@ impl PolicyStoreError {
             | PolicyStoreError::Report(_)
             | PolicyStoreError::UnknownDevice(_)
             | PolicyStoreError::UnknownAppName(_)
-            | PolicyStoreError::BadExpiry { .. } => true,
+            | PolicyStoreError::BadExpiry { .. }
+            | PolicyStoreError::ReportFromFuture { .. }
+            | PolicyStoreError::StaleReport { .. } => true,
             PolicyStoreError::StoredPolicyInvalid { .. }
             | PolicyStoreError::Corrupt(_)
             | PolicyStoreError::Sqlite(_) => false,
@@ -392,6 +401,21 @@ impl Registry {
             return Err(PolicyStoreError::BadExpiry {
                 received_at,
                 expires_at,
+            });
+        }
+        // Facts are as old as their collection, not their upload: a report collected
+        // before the lifetime it would get is refused, and so is one from the future.
+        let collected = u64::try_from(report.collected_at.as_second()).unwrap_or(0);
+        if collected > received_at.saturating_add(MAX_REPORT_SKEW_SECS) {
+            return Err(PolicyStoreError::ReportFromFuture {
+                ahead_secs: collected - received_at,
+            });
+        }
+        let ttl_secs = expires_at - received_at;
+        if received_at.saturating_sub(collected) >= ttl_secs {
+            return Err(PolicyStoreError::StaleReport {
+                age_secs: received_at - collected,
+                ttl_secs,
             });
         }
         let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);

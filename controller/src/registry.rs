@@ -485,7 +485,15 @@ impl Registry {
             rows.collect::<Result<Vec<_>, _>>()?
         };
         let apps = list_apps(&tx)?;
-        let grants = list_grants(&tx)?;
+        // A disabled user's grants do not reach gateways (their sessions close at once);
+        // `grant list` still shows them, and `user enable` brings them back.
+        let disabled: std::collections::HashSet<String> = {
+            let mut stmt = tx.prepare("SELECT name FROM users WHERE disabled = 1")?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let mut grants = list_grants(&tx)?;
+        grants.retain(|g| !disabled.contains(&g.user));
         let access = crate::policy_store::snapshot_access(&tx)?;
         tx.finish()?;
         Ok(Snapshot {

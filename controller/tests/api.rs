@@ -17,7 +17,13 @@ use postern_controller::registry::Registry;
 use postern_protocol::api_auth::{self, InviteToken};
 use postern_protocol::keys::DeviceSigningKey;
 
-const REPORT: &str = r#"{"collected_at":"2026-11-23T10:00:00Z","os_family":"linux","os_version":"12","kernel":"6.1.0-13-amd64","last_package_update":"2026-11-20T08:00:00Z","disk_encrypted":true,"firewall_on":true,"processes":["falcon-sensor"],"mdm_enrolled":false,"custom":{"screen-lock":true}}"#;
+/// A posture report collected now (the controller refuses facts older than their lifetime).
+fn report_now() -> String {
+    format!(
+        r#"{{"collected_at":"{}","os_family":"linux","os_version":"12","kernel":"6.1.0-13-amd64","last_package_update":"2026-11-20T08:00:00Z","disk_encrypted":true,"firewall_on":true,"processes":["falcon-sensor"],"mdm_enrolled":false,"custom":{{"screen-lock":true}}}}"#,
+        postern_policy::Timestamp::now()
+    )
+}
 
 /// A running controller with the API on a loopback port; killed on drop.
 struct Controller {
@@ -306,7 +312,8 @@ fn invite_cli_refuses_bad_input_with_one_line() {
 fn posture_requires_a_fresh_signature_by_the_registered_key() {
     let (ctl, key) = enrolled();
     let c = ctl.client();
-    let body = REPORT.as_bytes();
+    let report = report_now();
+    let body = report.as_bytes();
 
     let r = c.signed(&key, "POST", "/v1/posture", body).unwrap();
     assert_eq!(r.status, 200, "{}", r.error_message());
@@ -563,7 +570,7 @@ fn postern_client_binary_enrolls_logs_in_and_reports_posture() {
     assert!(out.contains("\"last_mfa\":\"20"), "{out}");
 
     let facts = home.path().join("facts.json");
-    std::fs::write(&facts, REPORT).unwrap();
+    std::fs::write(&facts, report_now()).unwrap();
     let (ok_, out, err) = postern(&[
         "posture",
         "report",

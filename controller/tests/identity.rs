@@ -817,3 +817,43 @@ fn cli_through_running_controller_records_admin_uid_as_actor() {
         ]
     );
 }
+
+#[test]
+fn a_disabled_users_grants_leave_the_snapshot_until_enabled() {
+    let (_dir, db) = tempdir();
+    let mut reg = Registry::open(&db).expect("open registry");
+    reg.add_app(
+        "web",
+        postern_controller::proto::snapshot::AppProtocol::Tcp,
+        443,
+    )
+    .expect("add app");
+    reg.add_grant("web", "alice").expect("grant alice");
+    reg.add_grant("web", "bob").expect("grant bob");
+    let users = |reg: &mut Registry| -> Vec<String> {
+        let mut u: Vec<String> = reg
+            .snapshot()
+            .expect("snapshot")
+            .grants
+            .into_iter()
+            .map(|g| g.user)
+            .collect();
+        u.sort();
+        u
+    };
+    assert_eq!(users(&mut reg), ["alice", "bob"]);
+    let before = reg.revision().expect("revision");
+    assert!(reg.set_user_disabled("bob", true).expect("disable bob"));
+    assert!(
+        reg.revision().expect("revision") > before,
+        "gateways must hear of it"
+    );
+    assert_eq!(users(&mut reg), ["alice"]);
+    assert_eq!(
+        reg.list_grants().expect("grants").len(),
+        2,
+        "the grant itself stays"
+    );
+    assert!(reg.set_user_disabled("bob", false).expect("enable bob"));
+    assert_eq!(users(&mut reg), ["alice", "bob"]);
+}

@@ -134,7 +134,27 @@ fn posture_reports_are_validated_stored_replaced_and_audited() {
         .store_posture_report(&good, &report(true), now, now)
         .unwrap_err();
     assert!(matches!(e, PolicyStoreError::BadExpiry { .. }), "{e}");
-    assert_eq!(reg.revision().unwrap(), rev + 2);
+    // Facts collected more than 5 minutes ahead of receipt (device clock), or before the
+    // lifetime they would get, are refused.
+    let e = reg
+        .store_posture_report(&good, &report(true), now - 301, now + 3600)
+        .unwrap_err();
+    assert!(
+        matches!(e, PolicyStoreError::ReportFromFuture { .. }) && e.is_validation(),
+        "{e}"
+    );
+    assert!(e.to_string().contains("clock"), "{e}");
+    reg.store_posture_report(&good, &report(true), now - 200, now + 3600)
+        .expect("200 s of device clock skew is accepted");
+    let e = reg
+        .store_posture_report(&good, &report(true), now + 60, now + 120)
+        .unwrap_err();
+    assert!(
+        matches!(e, PolicyStoreError::StaleReport { .. }) && e.is_validation(),
+        "{e}"
+    );
+    assert!(e.to_string().contains("collect the facts again"), "{e}");
+    assert_eq!(reg.revision().unwrap(), rev + 3);
 }
 
 #[test]
