@@ -5,8 +5,9 @@
 
 # Tools the lab needs, as "tool:debian-package".
 POSTERN_LAB_TOOLS=(ip:iproute2 ss:iproute2 nft:nftables conntrack:conntrack)
-# Tools only the tests need (tests/tests/darkness_e2e.rs scans the lab with nmap).
-POSTERN_TEST_TOOLS=(nmap:nmap)
+# Tools only the tests need (tests/tests/darkness_e2e.rs scans the lab with nmap;
+# tests/tests/connect_e2e.rs starts its own sshd inside the gateway namespace and runs ssh).
+POSTERN_TEST_TOOLS=(nmap:nmap sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -34,7 +35,21 @@ ensure_tools() {
     say "installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q </dev/null
-    apt-get install -y -q --no-install-recommends "${missing[@]}" </dev/null
+    # Packages such as openssh-server start their daemon on install. The tests start their
+    # own (inside a lab namespace) and must not depend on, or leave behind, one in the root
+    # namespace: a temporary policy-rc.d (exit 101 = "action forbidden", honoured by
+    # invoke-rc.d and deb-systemd-invoke) keeps every service from starting during install.
+    local policy=/usr/sbin/policy-rc.d ours=0 status=0
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\n# postern scripts/common.sh: no service starts during install\nexit 101\n' >"$policy"
+        chmod 0755 "$policy"
+        ours=1
+    fi
+    apt-get install -y -q --no-install-recommends "${missing[@]}" </dev/null || status=$?
+    if [ "$ours" -eq 1 ]; then
+        rm -f "$policy"
+    fi
+    [ "$status" -eq 0 ] || die "apt-get install ${missing[*]} failed (exit $status)"
 }
 
 # find_cargo: makes `cargo` callable, also under sudo (whose PATH lacks ~/.cargo/bin).

@@ -8,8 +8,9 @@
 //! - `POST /v1/login` `{code}` -> `{device_id, last_mfa}`
 //! - `POST /v1/posture` (body: the posture report JSON) -> `{received_at, expires_at}`
 //! - `GET /v1/whoami` -> `{device_id, name, user, last_mfa}`
+//! - `GET /v1/time` -> `{unix_ms}` (unsigned: lets a device measure its clock offset)
 //!
-//! Every endpoint but enroll requires the `x-postern-*` request signature by the device's
+//! Every endpoint but enroll and time requires the `x-postern-*` request signature by the device's
 //! registered key: the device must exist and not be revoked, the timestamp be within 60 s,
 //! the nonce unseen (bounded cache; replays get 409).
 //!
@@ -166,6 +167,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/login", post(login))
         .route("/v1/posture", post(posture))
         .route("/v1/whoami", get(whoami))
+        .route("/v1/time", get(time_now))
         .fallback(|| async { ApiFailure::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiFailure::new(
@@ -553,6 +555,16 @@ async fn posture(
         "expires_at": format_unix(expires_at),
     }))
     .into_response())
+}
+
+/// `GET /v1/time` -> `{unix_ms}`: the controller's clock, unsigned on purpose (a device
+/// whose clock is off by more than the signature window must still be able to measure the
+/// offset; `postern status` shows it). Reveals nothing but the time.
+async fn time_now() -> Response {
+    let unix_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    Json(serde_json::json!({ "unix_ms": unix_ms })).into_response()
 }
 
 async fn whoami(Signed { device, .. }: Signed) -> Result<Response, ApiFailure> {

@@ -7,7 +7,7 @@
 //! a policy is stored (apps must exist; unknown users/groups are warnings), building a
 //! `postern_policy::Device` from registry rows, and computing `Snapshot::access`.
 //! Must not touch: the policy semantics (the `postern_policy` crate decides), the CLI's
-//! presentation or sockets. Callers pass `now`, except `snapshot_access`, which evaluates
+//! presentation or sockets. Callers pass `now`, except `snapshot_policy`, which evaluates
 //! at the current time because a snapshot is "what holds now".
 
 use std::collections::BTreeSet;
@@ -18,7 +18,7 @@ use postern_policy::{
 };
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::proto::snapshot::AccessRecord;
+use crate::proto::snapshot::{AccessRecord, DenialHint, MAX_DENIAL_HINTS};
 use crate::registry::{bump, Registry, RegistryError};
 
 /// How far in the future a report's `collected_at` may be (device clock skew).
@@ -337,6 +337,50 @@ pub fn access_records(
     conn: &Connection,
     now: Timestamp,
 ) -> Result<Option<Vec<AccessRecord>>, PolicyStoreError> {
+    Ok(access_and_denials(conn, now)?.map(|(access, _)| access))
+}
+
+/// The denial hint for a refused (device, app) pair when the user can fix the reason
+/// (a failing posture requirement, MFA missing or too old); `None` for the rest (no rule,
+/// deny rule, revoked, time window, risk: nothing the device can do).
+fn denial_hint(device: &str, app: &str, denial: &postern_policy::Denial) -> Option<DenialHint> {
+    use postern_policy::{DenyReason, Failure};
+    let (reason, requirement, remediation) = match &denial.reason {
+        DenyReason::Failed(Failure::Posture {
+            requirement,
+            remediation,
+            ..
+        }) => (
+            "posture_failed",
+            Some(requirement.clone()),
+            Some(remediation.clone()).filter(|r| !r.is_empty()),
+        ),
+        DenyReason::Failed(Failure::MfaTooOld { .. }) => {
+            ("mfa_too_old", None, Some("run `postern login`".to_owned()))
+        }
+        DenyReason::Failed(Failure::MfaMissing) => {
+            ("mfa_missing", None, Some("run `postern login`".to_owned()))
+        }
+        _ => return None,
+    };
+    Some(DenialHint {
+        device: device.to_owned(),
+        app: app.to_owned(),
+        reason: reason.to_owned(),
+        requirement,
+        remediation,
+    })
+}
+
+/// A snapshot's policy part: `Snapshot::access` and `Snapshot::denials`.
+pub type SnapshotPolicy = (Vec<AccessRecord>, Vec<DenialHint>);
+
+/// [`access_records`] and, next to them, the denial hints of the refused pairs (at most
+/// [`MAX_DENIAL_HINTS`]), from one evaluation of every (device, app) pair.
+pub fn access_and_denials(
+    conn: &Connection,
+    now: Timestamp,
+) -> Result<Option<SnapshotPolicy>, PolicyStoreError> {
     let Some(set) = stored_set(conn)? else {
         return Ok(None);
     };
@@ -345,6 +389,7 @@ pub fn access_records(
         .into_iter()
         .collect();
     let mut records = Vec::new();
+    let mut hints = Vec::new();
     for id in &ids {
         let device = policy_device(conn, id)?.device;
         for app in &apps {
@@ -354,32 +399,36 @@ pub fn access_records(
                 source: None,
                 now,
             };
-            if let Decision::Allow(grant) = postern_policy::decide(&set, &request) {
-                records.push(AccessRecord {
+            match postern_policy::decide(&set, &request) {
+                Decision::Allow(grant) => records.push(AccessRecord {
                     device: id.clone(),
                     app: app.clone(),
                     until: grant.valid_until.map(unix_secs),
-                });
+                }),
+                Decision::Deny(denial) if hints.len() < MAX_DENIAL_HINTS => {
+                    hints.extend(denial_hint(id, app, &denial));
+                }
+                Decision::Deny(_) => {}
             }
         }
     }
     records.sort();
-    Ok(Some(records))
+    hints.sort();
+    Ok(Some((records, hints)))
 }
 
-/// [`access_records`] for `Registry::snapshot`: database errors fail the snapshot; a
-/// stored policy that cannot be evaluated fails closed (policy mode, nothing allowed)
-/// rather than falling back to the legacy grants.
-pub(crate) fn snapshot_access(
-    conn: &Connection,
-) -> Result<Option<Vec<AccessRecord>>, RegistryError> {
-    match access_records(conn, Timestamp::now()) {
-        Ok(access) => Ok(access),
+/// [`access_and_denials`] for `Registry::snapshot` (`Snapshot::access` and `denials`):
+/// database errors fail the snapshot; a stored policy that cannot be evaluated fails
+/// closed (policy mode, nothing allowed, no hints) rather than falling back to the legacy
+/// grants.
+pub(crate) fn snapshot_policy(conn: &Connection) -> Result<Option<SnapshotPolicy>, RegistryError> {
+    match access_and_denials(conn, Timestamp::now()) {
+        Ok(policy) => Ok(policy),
         Err(PolicyStoreError::Sqlite(e)) => Err(RegistryError::Sqlite(e)),
         Err(PolicyStoreError::Registry(e)) => Err(e),
         Err(e) => {
             tracing::warn!(error = %e, "cannot evaluate the stored policy: gateways admit nothing");
-            Ok(Some(Vec::new()))
+            Ok(Some((Vec::new(), Vec::new())))
         }
     }
 }

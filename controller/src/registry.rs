@@ -494,7 +494,10 @@ impl Registry {
         };
         let mut grants = list_grants(&tx)?;
         grants.retain(|g| !disabled.contains(&g.user));
-        let access = crate::policy_store::snapshot_access(&tx)?;
+        let (access, denials) = match crate::policy_store::snapshot_policy(&tx)? {
+            Some((access, denials)) => (Some(access), Some(denials)),
+            None => (None, None),
+        };
         tx.finish()?;
         Ok(Snapshot {
             revision,
@@ -502,6 +505,7 @@ impl Registry {
             apps,
             grants,
             access,
+            denials,
         })
     }
 

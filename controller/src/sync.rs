@@ -538,6 +538,7 @@ mod tests {
             apps: vec![],
             grants: vec![],
             access: None,
+            denials: None,
         });
         let j = serde_json::to_string(&s).unwrap();
         assert!(j.starts_with(r#"{"snapshot":{"revision":3"#), "{j}");

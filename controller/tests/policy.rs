@@ -213,6 +213,17 @@ fn apply_checks_apps_warns_on_unknown_subjects_and_stores_atomically() {
     assert_eq!(plan.diff.rules_changed[0].name, "ssh-admins");
 }
 
+/// Records an MFA proof for `device` at unix second `at` (as `postern login` does).
+fn set_last_mfa(db: &Path, device: &str, at: u64) {
+    rusqlite::Connection::open(db)
+        .unwrap()
+        .execute(
+            "UPDATE devices SET last_mfa = ?1 WHERE id = ?2",
+            rusqlite::params![i64::try_from(at).unwrap(), device],
+        )
+        .unwrap();
+}
+
 #[test]
 fn snapshot_access_follows_policy_posture_mfa_and_time() {
     let (_dir, db) = tempdir();
@@ -225,12 +236,7 @@ fn snapshot_access_follows_policy_posture_mfa_and_time() {
     reg.store_posture_report(&bad, &report(false), now, now + 600)
         .unwrap();
     // alice proved MFA 30 minutes ago: ssh until 30 minutes from now (+1 s).
-    let conn = rusqlite::Connection::open(&db).unwrap();
-    conn.execute(
-        "UPDATE devices SET last_mfa = ?1 WHERE id = ?2",
-        rusqlite::params![i64::try_from(now - 1800).unwrap(), good],
-    )
-    .unwrap();
+    set_last_mfa(&db, &good, now - 1800);
     reg.apply_policy(POLICY, now).unwrap();
     let access = reg.snapshot().unwrap().access.unwrap();
     let want = |device: &str, app: &str, until: u64| AccessRecord {
@@ -501,4 +507,46 @@ fn help_texts_have_examples() {
         let out = ok(&db, args);
         assert!(out.contains("Example"), "{args:?}: {out}");
     }
+}
+
+/// `Snapshot::denials`: a hint only for pairs the device can fix (posture requirement with
+/// its remediation, MFA too old), none for "no rule" or source-network rules.
+#[test]
+fn snapshot_denials_name_the_failing_requirement_and_mfa_age() {
+    use postern_controller::proto::snapshot::DenialHint;
+    let (_dir, db) = tempdir();
+    let (mut reg, good, bad) = setup(&db);
+    assert_eq!(
+        reg.snapshot().unwrap().denials,
+        None,
+        "legacy mode: no hints"
+    );
+    let now = now_secs();
+    reg.store_posture_report(&good, &report(true), now, now + 600)
+        .unwrap();
+    reg.store_posture_report(&bad, &report(false), now, now + 600)
+        .unwrap();
+    // alice proved MFA 2 hours ago: older than ssh's mfa_max_age of 1 h.
+    set_last_mfa(&db, &good, now - 7200);
+    reg.apply_policy(POLICY, now).unwrap();
+    let denials = reg.snapshot().unwrap().denials.unwrap();
+    let mut expected = vec![
+        DenialHint {
+            device: bad.clone(),
+            app: "web".into(),
+            reason: "posture_failed".into(),
+            requirement: Some("disk".into()),
+            remediation: Some("Turn on full-disk encryption (LUKS, FileVault or BitLocker)".into()),
+        },
+        DenialHint {
+            device: good.clone(),
+            app: "ssh".into(),
+            reason: "mfa_too_old".into(),
+            requirement: None,
+            remediation: Some("run `postern login`".into()),
+        },
+    ];
+    expected.sort();
+    // bob has no ssh rule and db needs a source network: nothing the device can fix.
+    assert_eq!(denials, expected);
 }

@@ -136,3 +136,36 @@ write("posture_report", "minimal", '{"collected_at":"2026-11-23T13:00:00Z"}')
 write("posture_report", "unknown-field", '{"collected_at":"2026-11-23T13:00:00Z","antivirus":true}')
 write("posture_report", "repeated-check", '{"collected_at":"2026-11-23T13:00:00Z","custom":{"a":true,"a":false}}')
 write("posture_report", "bad-time", '{"collected_at":"2026-02-30T25:00:00Z","kernel":"6.1"}')
+
+# reply_open: signed replies to known-answer knock 0 (docs/protocol.md §11), sealed here by
+# an independent implementation (Python `cryptography`); the Rust client opens them
+# (tests/tests/fuzz_corpus.rs checks their contents).
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives import hashes
+
+
+def seal_reply(vector, salt, decision, reason, message, remediation, session_secs):
+    gw = X25519PrivateKey.from_private_bytes(bytes.fromhex(vector["gateway_secret"]))
+    knock = bytes.fromhex(vector["datagram"])
+    knock_header, nonce = knock[:42], bytes.fromhex(vector["nonce"])
+    gw_pub = base64.b64decode(vector["gateway_public"].split(":", 1)[1])
+    header = bytes([1, 2]) + bytes.fromhex(vector["gateway_key_id"]) + salt
+    aad = header + knock_header + nonce
+    shared = gw.exchange(X25519PublicKey.from_public_bytes(knock_header[10:42]))
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"postern spa v1 reply",
+               info=aad + gw_pub).derive(shared)
+    m, r = message.encode(), remediation.encode()
+    inner = (bytes([decision, len(reason)]) + reason.encode()
+             + struct.pack("!H", len(m)) + m + struct.pack("!H", len(r)) + r
+             + struct.pack("!I", session_secs))
+    return header + ChaCha20Poly1305(key).encrypt(bytes(12), inner, aad)
+
+
+write("reply_open", "deny-posture", seal_reply(
+    VECTORS[0], bytes(range(0x70, 0x80)), 1, "policy_denied", "disk encryption required",
+    "enable LUKS on / and /home, see https://wiki.example.org/luks", 0))
+write("reply_open", "deny-minimal", seal_reply(VECTORS[0], bytes(16), 1, "x", "", "", 0))
+write("reply_open", "allow-ack", seal_reply(
+    VECTORS[0], bytes(range(0x90, 0xa0)), 2, "granted", "", "", 3600))

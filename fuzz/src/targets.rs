@@ -21,13 +21,14 @@ use postern_protocol::keys::{
     DeviceId, DevicePublicKey, DeviceSigningKey, GatewayKeyId, GatewayPublicKey, GatewaySecret,
 };
 use postern_protocol::packet::{self, OpenError};
+use postern_protocol::reply::{self, KnockBinding, ReplyKey, ReplyRandomness};
 use postern_protocol::snapshot::Snapshot;
 
 /// A target body: takes one input, panics on a bug.
 pub type Target = fn(&[u8]);
 
 /// Every target by name, as `cargo fuzz` and `fuzz/corpus/<name>/` know it.
-pub const TARGETS: [(&str, Target); 8] = [
+pub const TARGETS: [(&str, Target); 9] = [
     ("spa_open", spa_open),
     ("capture_ip", capture_ip),
     ("gateway_config", gateway_config),
@@ -36,6 +37,7 @@ pub const TARGETS: [(&str, Target); 8] = [
     ("policy_file", policy_file),
     ("api_auth", api_auth),
     ("posture_report", posture_report),
+    ("reply_open", reply_open),
 ];
 
 /// The SPA port sniff mode looks for in `capture_ip`.
@@ -350,4 +352,44 @@ pub fn posture_report(data: &[u8]) {
     if let Err(why) = postern_policy::check_requirement(&every_fact, &facts, now) {
         assert!(!why.contains('\n'), "{why:?}");
     }
+}
+
+/// The client's reply key for known-answer knock 0 (gateway secret `seq(0x20)`, ephemeral
+/// secret `seq(0x40)`, nonce `seq(0x60)[..16]`), the gateway secret and the knock binding.
+pub fn reply_kat() -> &'static (ReplyKey, GatewaySecret, KnockBinding) {
+    static KEY: OnceLock<(ReplyKey, GatewaySecret, KnockBinding)> = OnceLock::new();
+    KEY.get_or_init(|| {
+        let gateway = GatewaySecret::from_bytes(seq(0x20));
+        let ephemeral = seq(0x40);
+        // X25519(ephemeral, base point): the same computation as a gateway public key.
+        let ephemeral_public = GatewaySecret::from_bytes(ephemeral).public_key().0;
+        let mut header = vec![packet::VERSION, packet::TYPE_KNOCK];
+        header.extend_from_slice(&gateway.public_key().key_id().0);
+        header.extend_from_slice(&ephemeral_public);
+        let mut nonce = [0u8; 16];
+        nonce.copy_from_slice(&seq(0x60)[..16]);
+        let key = ReplyKey::new(ephemeral, gateway.public_key(), &header, nonce)
+            .unwrap_or_else(|e| panic!("the KAT knock header is a knock header: {e}"));
+        let binding = KnockBinding::from_datagram(&header, nonce)
+            .unwrap_or_else(|e| panic!("the KAT knock header is a knock header: {e}"));
+        (key, gateway, binding)
+    })
+}
+
+/// The client opening an arbitrary datagram as the reply to known-answer knock 0. Whatever
+/// opens must be within the format's bounds and re-seal to the very same bytes (one reply,
+/// one encoding).
+pub fn reply_open(data: &[u8]) {
+    let (key, gateway, binding) = reply_kat();
+    let Ok(opened) = key.open(data) else { return };
+    assert!(
+        (reply::MIN_REPLY_LEN..=reply::MAX_REPLY_LEN).contains(&data.len()),
+        "opened a {}-byte reply",
+        data.len()
+    );
+    let mut salt = [0u8; 16];
+    salt.copy_from_slice(&data[10..reply::REPLY_HEADER_LEN]);
+    let again = reply::seal_reply(gateway, binding, &opened, ReplyRandomness { salt })
+        .unwrap_or_else(|e| panic!("an opened reply does not re-seal: {e}"));
+    assert_eq!(again, data, "reply encoding is not canonical");
 }

@@ -56,6 +56,7 @@ fn bench_decide(c: &mut Criterion) {
             })
             .collect(),
         access: None,
+        denials: None,
     };
     let (view, warnings) = RegistryView::from_snapshot(&snapshot);
     assert!(warnings.is_empty(), "{warnings:?}");

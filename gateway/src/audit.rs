@@ -68,6 +68,9 @@ impl AuditLog {
             map.insert("renewed".into(), json!(renewed));
             map.insert("port".into(), json!(pinhole.port));
         }
+        if let (Decision::Close { session, .. }, Value::Object(map)) = (decision, &mut line) {
+            map.insert("session".into(), json!(session.0));
+        }
         if let (Value::Object(map), Value::Object(extra)) = (&mut line, extra) {
             map.extend(extra);
         }

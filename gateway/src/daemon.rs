@@ -17,17 +17,22 @@ use serde_json::json;
 
 use crate::admission::Counters;
 use crate::audit::AuditLog;
-use crate::capture::Capture;
+use crate::capture::{Capture, ReplySocket};
 use crate::clock::Clock;
 use crate::config::{CaptureMode, Config};
 use crate::intake::Intake;
 use crate::keyfile;
 use crate::pipeline::{replay_window_ms, Decision, KnockPipeline, PipelineLimits};
 use crate::replay_state::ReplayState;
+use crate::reply::ReplyTarget;
 use crate::unix_ms;
 
 /// How often the receive loop wakes up to check for a stop request.
 const POLL: Duration = Duration::from_millis(50);
+/// How long the decision loop waits for a knock before it looks at the registry view
+/// again: a new snapshot (a revocation) is applied at most this late. Idle cost: 200
+/// cheap wake-ups per second.
+const VIEW_CHECK: Duration = Duration::from_millis(5);
 /// How often the drop and decision counters are written as a `stats` audit event.
 const STATS_EVERY: Duration = Duration::from_secs(10);
 /// How often live sessions are checked against the access records' `until` (policy mode).
@@ -126,6 +131,17 @@ fn close_revoked_sessions(
     }
 }
 
+/// The audit line of a knock whose decision the firewall could not apply.
+fn audit_firewall_error(audit: &AuditLog, now_ms: u64, src: std::net::IpAddr) {
+    audit.knock(
+        now_ms,
+        src,
+        &Decision::Drop {
+            reason: "firewall_error",
+        },
+    );
+}
+
 fn serve(
     cfg: &Config,
     firewall: &mut Firewall,
@@ -166,6 +182,13 @@ fn serve(
         clock.now_ms(),
     )
     .context("open the replay state (field `state_dir`)")?;
+    let replier = crate::reply::Replier::new(
+        secret.clone(),
+        ReplySocket::for_capture(&capture, cfg.spa_port)
+            .inspect_err(|e| tracing::warn!(error = %e, "denial replies disabled"))
+            .ok(),
+        cfg.session_secs,
+    );
     let mut pipeline = KnockPipeline::with_replay(secret, limits, replay);
     let pinhole_ttl = Duration::from_secs(cfg.pinhole_secs);
     let session_ttl = Duration::from_secs(cfg.session_secs);
@@ -225,12 +248,13 @@ fn serve(
             next_stats = Instant::now() + STATS_EVERY;
             audit.event(clock.now_ms(), "stats", intake.stats());
         }
-        let Some(outcome) = intake.recv(POLL) else {
+        let Some(outcome) = intake.recv(VIEW_CHECK) else {
             continue;
         };
         let src = outcome.src;
         let now = clock.now_ms();
         let current = view.load();
+        let reply_target = outcome.result.as_ref().ok().map(ReplyTarget::of);
         let decision = match outcome.result {
             Ok(auth) => pipeline.conclude(current.as_deref(), src, auth, now, &mut new_id),
             Err(dropped) => dropped,
@@ -249,13 +273,16 @@ fn serve(
             });
             if let Err(e) = opened {
                 tracing::error!(error = %e, "pinhole could not be opened");
-                audit.knock(
-                    now,
-                    src,
-                    &Decision::Drop {
-                        reason: "firewall_error",
-                    },
-                );
+                audit_firewall_error(audit, now, src);
+                continue;
+            }
+        }
+        if let Decision::Close { session, .. } = &decision {
+            // Same path as revocation: session element and pinholes go in one batch,
+            // then the session's conntrack entries.
+            if let Err(e) = firewall.close_session(*session) {
+                tracing::error!(session = session.0, error = %e, "closed session could not be removed");
+                audit_firewall_error(audit, now, src);
                 continue;
             }
         }
@@ -264,7 +291,14 @@ fn serve(
             reason = decision.reason(),
             "knock decided"
         );
-        intake.record(now, src, &decision);
+        let replied = replier.answer(
+            reply_target.as_ref(),
+            &outcome.peer,
+            &decision,
+            current.as_deref(),
+            counters,
+        );
+        intake.record_with(now, src, &decision, json!({ "reply": replied }));
     }
     if let Some(e) = intake.take_capture_error() {
         result = Err(e).context("capture failed");

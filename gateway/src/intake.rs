@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 
 use crate::admission::{Counters, FairQueue, LineLimiter, Pushed, SourceTable, TokenBucket};
 use crate::audit::AuditLog;
-use crate::capture::{Capture, BUFFER_LEN};
+use crate::capture::{Capture, Peer, BUFFER_LEN};
 use crate::clock::Clock;
 use crate::pipeline::{Authenticated, Decision, Opener};
 use crate::sync::SharedView;
@@ -43,6 +43,8 @@ pub struct IntakeLimits {
 #[derive(Debug)]
 pub struct Outcome {
     pub src: IpAddr,
+    /// Source port and destination address of the datagram (for a reply).
+    pub peer: Peer,
     /// When the capture thread received it (for latency figures).
     pub received: Instant,
     /// Authenticated, or dropped by the crypto stage.
@@ -52,6 +54,7 @@ pub struct Outcome {
 struct Item {
     /// The sender's own address (the queue is keyed by its /64 for IPv6).
     src: IpAddr,
+    peer: Peer,
     datagram: Vec<u8>,
     received: Instant,
 }
@@ -188,11 +191,17 @@ impl Intake {
     /// Counts a decision; writes its audit line (drops are rate-limited, authenticated
     /// decisions always get their own line).
     pub fn record(&self, ts_ms: u64, src: IpAddr, decision: &Decision) {
+        self.record_with(ts_ms, src, decision, Value::Null);
+    }
+
+    /// [`Intake::record`] with extra fields on an authenticated decision's line (e.g.
+    /// `reply`); drop lines never carry them.
+    pub fn record_with(&self, ts_ms: u64, src: IpAddr, decision: &Decision, extra: Value) {
         match decision {
             Decision::Drop { reason } => self.shared.drop_line(src, reason),
             _ => {
                 self.shared.counters.add(decision.verdict(), 1);
-                self.shared.audit.knock(ts_ms, src, decision);
+                self.shared.audit.knock_with(ts_ms, src, decision, extra);
             }
         }
     }
@@ -234,7 +243,7 @@ fn capture_loop(
     );
     let mut buf = vec![0u8; BUFFER_LEN];
     while !shared.stop.load(Ordering::Relaxed) {
-        let (src, datagram) = match capture.recv(&mut buf) {
+        let (peer, datagram) = match capture.recv(&mut buf) {
             Ok(Some(d)) => d,
             Ok(None) => continue,
             Err(e) => {
@@ -244,6 +253,7 @@ fn capture_loop(
                 return;
             }
         };
+        let src = peer.src;
         if let Err(e) = packet::precheck(datagram, key_id) {
             shared.drop_line(src, e.reason());
             continue;
@@ -256,6 +266,7 @@ fn capture_loop(
         }
         let item = Item {
             src,
+            peer,
             datagram: datagram.to_vec(),
             received: Instant::now(),
         };
@@ -311,6 +322,7 @@ fn worker_loop(opener: &Opener, view: &SharedView, shared: &Shared, tx: &SyncSen
         let result = opener.authenticate(current.as_deref(), &item.datagram, shared.clock.now_ms());
         let outcome = Outcome {
             src: item.src,
+            peer: item.peer,
             received: item.received,
             result,
         };

@@ -16,6 +16,7 @@ pub mod keyfile;
 pub mod pipeline;
 pub mod registry;
 pub mod replay_state;
+pub mod reply;
 pub mod sync;
 
 /// Milliseconds since the Unix epoch (0 if the clock is before 1970).

@@ -40,6 +40,9 @@ pub enum Decision {
         pinhole: Pinhole,
         renewed: bool,
     },
+    /// A CLOSE knock ended this live session (the pipeline already forgot it): the caller
+    /// closes it in the firewall (session element, pinholes, conntrack entries).
+    Close { who: Who, session: SessionId },
 }
 
 impl Decision {
@@ -48,6 +51,7 @@ impl Decision {
             Decision::Drop { .. } => "drop",
             Decision::Deny { .. } => "deny",
             Decision::Allow { .. } => "allow",
+            Decision::Close { .. } => "closed",
         }
     }
 
@@ -56,13 +60,16 @@ impl Decision {
             Decision::Drop { reason } | Decision::Deny { reason, .. } => reason,
             Decision::Allow { renewed: true, .. } => "renewed",
             Decision::Allow { .. } => "granted",
+            Decision::Close { .. } => "client_close",
         }
     }
 
     pub fn who(&self) -> Option<&Who> {
         match self {
             Decision::Drop { .. } => None,
-            Decision::Deny { who, .. } | Decision::Allow { who, .. } => Some(who),
+            Decision::Deny { who, .. }
+            | Decision::Allow { who, .. }
+            | Decision::Close { who, .. } => Some(who),
         }
     }
 }
@@ -150,6 +157,13 @@ impl SessionTable {
         closed
     }
 
+    /// Forgets and returns the live session for `key`, if there is one at `now_ms`.
+    fn close(&mut self, key: &(DeviceId, String, IpAddr), now_ms: u64) -> Option<SessionId> {
+        let (id, expires) = self.by_key.remove(key)?;
+        self.by_id.remove(&id.0);
+        (now_ms < expires).then_some(id)
+    }
+
     fn prune(&mut self, now_ms: u64) {
         let by_id = &mut self.by_id;
         self.by_key.retain(|_, (id, expires)| {
@@ -168,12 +182,32 @@ impl SessionTable {
 pub struct Authenticated {
     device_id: DeviceId,
     knock: Knock,
+    /// The knock's clear header: a reply is bound to it (reply.rs).
+    header: [u8; packet::HEADER_LEN],
 }
 
 impl Authenticated {
     /// The knock's timestamp (ms since the epoch, by the device's clock).
     pub fn timestamp_ms(&self) -> u64 {
         self.knock.timestamp_ms
+    }
+
+    /// The signed claimed address (where a reply may go).
+    pub fn claimed_addr(&self) -> Option<IpAddr> {
+        self.knock.claimed_addr
+    }
+
+    /// The knock's flag bits.
+    pub fn flags(&self) -> u8 {
+        self.knock.flags
+    }
+
+    /// What a reply to this knock is bound to: its header and nonce.
+    pub fn reply_binding(&self) -> postern_protocol::reply::KnockBinding {
+        postern_protocol::reply::KnockBinding {
+            header: self.header,
+            nonce: self.knock.nonce,
+        }
     }
 }
 
@@ -240,7 +274,15 @@ impl Opener {
         // Freshness after the signature (docs/protocol.md §7): only verified knocks are
         // judged on their timestamp and then fed to the replay cache.
         packet::check_freshness(knock.timestamp_ms, now_ms, self.max_skew_ms).map_err(drop)?;
-        Ok(Authenticated { device_id, knock })
+        let mut header = [0u8; packet::HEADER_LEN];
+        header.copy_from_slice(datagram.get(..packet::HEADER_LEN).ok_or(Decision::Drop {
+            reason: "too_short",
+        })?);
+        Ok(Authenticated {
+            device_id,
+            knock,
+            header,
+        })
     }
 }
 
@@ -303,6 +345,44 @@ impl KnockPipeline {
         self.sessions.revoked_by(view, now_ms / 1000)
     }
 
+    /// The signed claimed address binds the knock to its sender: a copy replayed first
+    /// from another address (an on-path race) is refused instead of opening (or closing)
+    /// a door there.
+    fn claimed_addr_refusal(&self, knock: &Knock, src: IpAddr) -> Option<&'static str> {
+        match knock.claimed_addr {
+            Some(claimed) if claimed.to_canonical() != src.to_canonical() => {
+                Some("claimed_addr_mismatch")
+            }
+            None if self.limits.require_claimed_addr => Some("no_claimed_addr"),
+            _ => None,
+        }
+    }
+
+    /// A CLOSE knock (authenticated, fresh, not replayed, device not revoked): ends the
+    /// device's live session for the app from `src`. The claimed address must be `src`
+    /// (a copy replayed from elsewhere closes nothing). No grant is needed to close: a
+    /// session the grant no longer allows was closed when the grant went.
+    fn close(
+        &mut self,
+        device_id: DeviceId,
+        knock: &Knock,
+        src: IpAddr,
+        now_ms: u64,
+        who: Who,
+    ) -> Decision {
+        if let Some(reason) = self.claimed_addr_refusal(knock, src) {
+            return Decision::Deny { reason, who };
+        }
+        let key = (device_id, knock.app.clone(), src.to_canonical());
+        match self.sessions.close(&key, now_ms) {
+            Some(session) => Decision::Close { who, session },
+            None => Decision::Deny {
+                reason: "no_session",
+                who,
+            },
+        }
+    }
+
     /// Decides what to do with `datagram` from `src` at `now_ms`. `new_id` supplies
     /// random nonzero session ids.
     pub fn decide(
@@ -330,7 +410,9 @@ impl KnockPipeline {
         now_ms: u64,
         new_id: &mut dyn FnMut() -> u32,
     ) -> Decision {
-        let Authenticated { device_id, knock } = auth;
+        let Authenticated {
+            device_id, knock, ..
+        } = auth;
         let Some(view) = view else {
             return Decision::Drop {
                 reason: "no_registry",
@@ -361,7 +443,7 @@ impl KnockPipeline {
             return deny("device_revoked");
         }
         if knock.flags & flags::CLOSE != 0 {
-            return deny("close_not_supported");
+            return self.close(device_id, &knock, src, now_ms, who);
         }
         let Some(app) = view.app(&knock.app) else {
             return deny("unknown_app");
@@ -369,14 +451,8 @@ impl KnockPipeline {
         if let Err(refusal) = view.permits(&device_id, &device.user, &app.name, now_ms / 1000) {
             return deny(refusal.reason());
         }
-        // The signed claimed address binds the knock to its sender: a copy replayed first
-        // from another address (an on-path race) is refused instead of opening a door there.
-        match knock.claimed_addr {
-            Some(claimed) if claimed.to_canonical() != src.to_canonical() => {
-                return deny("claimed_addr_mismatch");
-            }
-            None if self.limits.require_claimed_addr => return deny("no_claimed_addr"),
-            _ => {}
+        if let Some(reason) = self.claimed_addr_refusal(&knock, src) {
+            return deny(reason);
         }
         let addr = src.to_canonical();
         let (session, renewed) = self.sessions.session(
@@ -478,6 +554,7 @@ mod tests {
                 },
             ],
             access: None,
+            denials: None,
         }
     }
 
@@ -671,6 +748,74 @@ mod tests {
         assert_eq!(d.reason(), "no_registry");
     }
     #[test]
+    fn a_close_knock_ends_the_session_and_a_second_close_finds_none() {
+        let mut f = fixture();
+        let alice = f.alice.clone();
+        let close = |nonce: u8, ts: u64| {
+            let mut k = knock(&alice, "ssh", ts, nonce);
+            k.flags = flags::CLOSE;
+            k
+        };
+        // No session yet: nothing to close.
+        let d = f.run(&close(70, NOW), &alice, NOW);
+        assert_eq!((d.verdict(), d.reason()), ("deny", "no_session"));
+        let Decision::Allow { pinhole, .. } = f.run(&knock(&alice, "ssh", NOW, 71), &alice, NOW)
+        else {
+            panic!("expected allow")
+        };
+        // From another claimed address: refused, the session stays.
+        let mut elsewhere = close(72, NOW + 10);
+        elsewhere.claimed_addr = Some("192.0.2.9".parse().expect("literal"));
+        assert_eq!(
+            f.run(&elsewhere, &alice, NOW + 10).reason(),
+            "claimed_addr_mismatch"
+        );
+        let d = f.run(&close(73, NOW + 20), &alice, NOW + 20);
+        assert_eq!((d.verdict(), d.reason()), ("closed", "client_close"));
+        let Decision::Close { session, who } = d else {
+            panic!("expected close, got {d:?}")
+        };
+        assert_eq!((session, who.app.as_str()), (pinhole.session, "ssh"));
+        // Forgotten: a second close finds nothing, and the next knock is a new session.
+        assert_eq!(
+            f.run(&close(74, NOW + 30), &alice, NOW + 30).reason(),
+            "no_session"
+        );
+        let d = f.run(&knock(&alice, "ssh", NOW + 40, 75), &alice, NOW + 40);
+        let Decision::Allow {
+            pinhole: fresh,
+            renewed: false,
+            ..
+        } = d
+        else {
+            panic!("expected a new session, got {d:?}")
+        };
+        assert_ne!(fresh.session, pinhole.session);
+        // An expired session cannot be closed (the kernel already ended it).
+        let later = NOW + 40 + 61_000;
+        assert_eq!(
+            f.run(&close(76, later), &alice, later).reason(),
+            "no_session"
+        );
+        // A replayed close is refused as a replay; a revoked device's close is refused.
+        let dgram = seal(
+            &close(78, later),
+            &alice,
+            &f.gateway,
+            SealRandomness {
+                ephemeral_secret: [78; 32],
+            },
+        )
+        .expect("seal");
+        assert_eq!(f.send(&dgram, later).reason(), "no_session");
+        assert_eq!(f.send(&dgram, later + 1).reason(), "replay");
+        let mallory = DeviceSigningKey::from_seed([2; 32]);
+        let mut k = knock(&mallory, "ssh", later, 77);
+        k.flags = flags::CLOSE;
+        assert_eq!(f.run(&k, &mallory, later).reason(), "device_revoked");
+    }
+
+    #[test]
     fn a_knock_without_a_claimed_address_is_refused() {
         let mut f = fixture();
         let alice = f.alice.clone();
@@ -707,6 +852,7 @@ mod tests {
                 },
             ],
             access: None,
+            denials: None,
         };
         f.view = RegistryView::from_snapshot(&snapshot).0;
         let session_of = |d: Decision| match d {

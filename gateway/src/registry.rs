@@ -9,7 +9,7 @@
 use std::collections::{HashMap, HashSet};
 
 use postern_protocol::keys::{DeviceId, DevicePublicKey};
-use postern_protocol::snapshot::{AppRecord, Snapshot};
+use postern_protocol::snapshot::{AppRecord, DenialHint, Snapshot, MAX_DENIAL_HINTS};
 
 /// An enrolled device as the gateway needs it.
 #[derive(Debug, Clone)]
@@ -30,6 +30,8 @@ pub struct RegistryView {
     /// Policy mode: (device, app) -> `until` (unix seconds; `None` = no limit). `None`
     /// here means legacy mode (the snapshot had no `access`): `grants` decide.
     access: Option<HashMap<(DeviceId, String), Option<u64>>>,
+    /// Policy mode: the controller's denial hints by (device, app), for reply texts.
+    denials: HashMap<(DeviceId, String), DenialHint>,
 }
 
 /// Why [`RegistryView::permits`] refuses.
@@ -114,12 +116,20 @@ impl RegistryView {
             }
             access
         });
+        let denials = snapshot
+            .denials
+            .iter()
+            .flatten()
+            .take(MAX_DENIAL_HINTS)
+            .filter_map(|h| Some(((h.device.parse().ok()?, h.app.clone()), h.clone())))
+            .collect();
         let view = RegistryView {
             revision: snapshot.revision,
             devices,
             apps,
             grants,
             access,
+            denials,
         };
         (view, warnings)
     }
@@ -164,6 +174,12 @@ impl RegistryView {
     /// How many (device, app) access records the view holds (0 in legacy mode).
     pub fn access_count(&self) -> usize {
         self.access.as_ref().map_or(0, HashMap::len)
+    }
+
+    /// The controller's reason for denying `device` (id text) the `app`, if it sent one.
+    pub fn denial_hint(&self, device: &str, app: &str) -> Option<&DenialHint> {
+        let id: DeviceId = device.parse().ok()?;
+        self.denials.get(&(id, app.to_owned()))
     }
 
     pub fn device_count(&self) -> usize {

@@ -41,8 +41,16 @@ pub const JOURNAL: &str = "replay.log";
 const LEASE_MS: u64 = 5_000;
 /// How often the background thread makes the latest lease durable.
 const SYNC_EVERY: Duration = Duration::from_millis(1000);
-/// Compact the journal when it grows past this many bytes.
+/// Compact the journal when it grows past this many bytes, and past twice its size right
+/// after the last compaction (so a cache that is itself bigger than this is not rewritten
+/// on every knock: compaction stays amortized O(1) per knock).
 const COMPACT_BYTES: u64 = 8 << 20;
+
+/// Whether a journal of `bytes` that measured `compacted` right after its last compaction
+/// is due for compaction.
+fn compaction_due(bytes: u64, compacted: u64) -> bool {
+    bytes > COMPACT_BYTES.max(compacted.saturating_mul(2))
+}
 
 /// A state directory or journal problem at start.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +85,8 @@ struct Journal {
     dir: PathBuf,
     file: File,
     bytes: u64,
+    /// `bytes` right after the last compaction.
+    compacted_bytes: u64,
     boot: String,
     written_lease: u64,
     /// The lease value the syncer should make durable next.
@@ -289,6 +299,7 @@ impl ReplayState {
             // Replaced by compact() right below.
             file: File::open("/dev/null").map_err(io_err)?,
             bytes: 0,
+            compacted_bytes: 0,
             boot,
             written_lease: 0,
             pending: Arc::new(AtomicU64::new(0)),
@@ -363,7 +374,7 @@ impl ReplayState {
                 j.pending.fetch_max(lease, Ordering::SeqCst);
             }
         }
-        if result.is_ok() && j.bytes > COMPACT_BYTES {
+        if result.is_ok() && compaction_due(j.bytes, j.compacted_bytes) {
             result = j.compact(&self.cache);
         }
         if let Err(e) = result {
@@ -447,6 +458,7 @@ impl Journal {
         File::open(&self.dir)?.sync_all()?;
         self.file = OpenOptions::new().append(true).open(&final_path)?;
         self.bytes = text.len() as u64;
+        self.compacted_bytes = self.bytes;
         self.written_lease = lease;
         self.pending.fetch_max(lease, Ordering::SeqCst);
         self.durable.fetch_max(lease, Ordering::SeqCst);
@@ -501,6 +513,25 @@ impl Journal {
 impl Drop for Journal {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod compaction_tests {
+    use super::*;
+
+    #[test]
+    fn compaction_is_amortized_when_the_live_cache_is_big() {
+        // Small journals are left alone, big ones compacted once...
+        assert!(!compaction_due(COMPACT_BYTES, 0));
+        assert!(compaction_due(COMPACT_BYTES + 1, 0));
+        // ...and a cache whose compacted form is already 12 MiB (about 100k entries) is
+        // not rewritten again until the journal doubles: the regression behind issue 7's
+        // collapse to a few knocks/s was compacting on every knock past 8 MiB.
+        let big = 12 << 20;
+        assert!(!compaction_due(big + 1, big));
+        assert!(!compaction_due(2 * big, big));
+        assert!(compaction_due(2 * big + 1, big));
     }
 }
 

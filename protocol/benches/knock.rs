@@ -2,7 +2,8 @@
 //!
 //! Owns: `open` + `verify` of one knock, the crypto bound (one X25519 agreement and one
 //! ed25519 `verify_strict`, the two public-key operations every valid knock costs), `seal`
-//! (the client side) and replay-cache inserts. Must not touch sockets or files.
+//! (the client side), replay-cache inserts and the signed reply (`seal_reply` on the
+//! gateway, `ReplyKey::open` on the client). Must not touch sockets or files.
 //! Run: `cargo bench -p postern-protocol --bench knock -- --warm-up-time 1 --measurement-time 3`.
 
 use std::hint::black_box;
@@ -10,6 +11,9 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use postern_protocol::packet::{flags, open, seal, Knock, SealRandomness};
+use postern_protocol::reply::{
+    seal_reply, KnockBinding, Reply, ReplyDecision, ReplyKey, ReplyRandomness,
+};
 use postern_protocol::{DeviceSigningKey, GatewaySecret, ReplayCache};
 use x25519_dalek::{PublicKey as XPublicKey, StaticSecret};
 
@@ -62,6 +66,45 @@ fn bench_open_verify(c: &mut Criterion) {
     });
 }
 
+/// The signed denial reply: sealed on the gateway's decision thread, opened by the client.
+fn bench_reply(c: &mut Criterion) {
+    let gateway = GatewaySecret::from_bytes([7; 32]);
+    let device = DeviceSigningKey::from_seed([1; 32]);
+    let k = knock(&device, 3);
+    let dgram = seal(
+        &k,
+        &device,
+        &gateway.public_key(),
+        SealRandomness {
+            ephemeral_secret: [9; 32],
+        },
+    )
+    .expect("seal");
+    let binding = KnockBinding::from_datagram(&dgram, k.nonce).expect("binding");
+    let key = ReplyKey::new([9; 32], gateway.public_key(), &dgram, k.nonce).expect("key");
+    let reply = Reply {
+        decision: ReplyDecision::Deny,
+        reason: "policy_denied".into(),
+        message: "disk-encryption required".into(),
+        remediation: "Turn on full-disk encryption (LUKS, FileVault or BitLocker)".into(),
+        session_secs: 0,
+    };
+    let sealed = || {
+        seal_reply(
+            &gateway,
+            &binding,
+            &reply,
+            ReplyRandomness { salt: [4; 16] },
+        )
+        .expect("seal")
+    };
+    let wire = sealed();
+    c.bench_function("seal one reply (gateway)", |b| b.iter(sealed));
+    c.bench_function("open one reply (client)", |b| {
+        b.iter(|| key.open(black_box(&wire)).expect("open"))
+    });
+}
+
 /// The floor under `open + verify`: the two public-key operations, nothing else.
 fn bench_crypto_bound(c: &mut Criterion) {
     let ours = StaticSecret::from([7; 32]);
@@ -108,5 +151,11 @@ fn bench_replay(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench_open_verify, bench_crypto_bound, bench_replay);
+criterion_group!(
+    benches,
+    bench_open_verify,
+    bench_crypto_bound,
+    bench_replay,
+    bench_reply
+);
 criterion_main!(benches);

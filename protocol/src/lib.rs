@@ -11,6 +11,7 @@ pub mod api_auth;
 pub mod keys;
 pub mod packet;
 pub mod replay;
+pub mod reply;
 pub mod snapshot;
 
 pub use keys::{

@@ -37,13 +37,18 @@ pub mod flags {
     pub const RENEW: u8 = 2;
     /// Close the session.
     pub const CLOSE: u8 = 4;
+    /// Ask for a signed reply to an admitted knock too (an allow acknowledgement with the
+    /// session length, docs/protocol.md §11). A modifier: only with KNOCK, RENEW or CLOSE.
+    pub const ACK: u8 = 8;
+    /// The bits that ask for something (at least one must be set).
+    pub const ACTIONS: u8 = KNOCK | RENEW | CLOSE;
     /// All bits defined in v1; any other bit is refused.
-    pub const ALL: u8 = KNOCK | RENEW | CLOSE;
+    pub const ALL: u8 = KNOCK | RENEW | CLOSE | ACK;
 }
 
 /// Packet type byte: client → gateway knock.
 pub const TYPE_KNOCK: u8 = 1;
-/// Packet type byte: gateway → client reply (reserved; not produced or accepted in v1 yet).
+/// Packet type byte: gateway → client reply (see the `reply` module).
 pub const TYPE_REPLY: u8 = 2;
 
 /// Clear header length: version(1) + type(1) + gateway key id(8) + ephemeral public(32).
@@ -238,7 +243,7 @@ fn validate_flags(f: u8) -> Result<(), &'static str> {
     if f & !flags::ALL != 0 {
         return Err("unknown flag bits");
     }
-    if f == 0 {
+    if f & flags::ACTIONS == 0 {
         return Err("no flag set");
     }
     Ok(())
@@ -556,10 +561,15 @@ mod tests {
         ));
         k.app = "a".repeat(64);
         assert!(seal(&k, &dev, &gw, r()).is_ok());
-        k.flags = 8;
+        k.flags = 16;
         assert!(matches!(
             seal(&k, &dev, &gw, r()),
-            Err(SealError::InvalidFlags(8, _))
+            Err(SealError::InvalidFlags(16, _))
+        ));
+        k.flags = flags::ACK;
+        assert!(matches!(
+            seal(&k, &dev, &gw, r()),
+            Err(SealError::InvalidFlags(flags::ACK, _))
         ));
         k.flags = 0;
         assert!(matches!(

@@ -33,6 +33,32 @@ pub struct Snapshot {
     /// (old controllers, no policy applied): `grants` decide.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access: Option<Vec<AccessRecord>>,
+    /// Policy mode: why some (device, app) pairs are denied, for pairs denied for a reason
+    /// the user can fix (a failing posture requirement, MFA too old). The gateway puts the
+    /// requirement and remediation into its signed denial reply. Bounded by the controller
+    /// ([`MAX_DENIAL_HINTS`]); absent from old controllers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denials: Option<Vec<DenialHint>>,
+}
+
+/// At most this many denial hints travel in one snapshot.
+pub const MAX_DENIAL_HINTS: usize = 10_000;
+
+/// Why the policy denies one (device, app) pair, and what would fix it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DenialHint {
+    /// Device id, 32 lowercase hex digits.
+    pub device: String,
+    /// App name.
+    pub app: String,
+    /// Stable code: `posture_failed`, `posture_unknown`, `posture_expired`, `mfa_too_old`.
+    pub reason: String,
+    /// The failing requirement in words (e.g. `disk encryption`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requirement: Option<String>,
+    /// The policy's remediation text for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remediation: Option<String>,
 }
 
 /// One (device, app) pair the controller's policy allows, computed without the knock's
@@ -172,6 +198,14 @@ impl Snapshot {
         self.grants.iter().any(|g| g.app == app && g.user == user)
     }
 
+    /// The denial hint for (`device` id text, `app`), if the controller sent one.
+    pub fn denial_hint(&self, device: &str, app: &str) -> Option<&DenialHint> {
+        self.denials
+            .as_ref()?
+            .iter()
+            .find(|r| r.app == app && r.device.eq_ignore_ascii_case(device))
+    }
+
     /// The access record for (`device` id text, `app`), in policy mode.
     pub fn access_record(&self, device: &str, app: &str) -> Option<&AccessRecord> {
         self.access
@@ -216,6 +250,7 @@ mod tests {
                 user: "alice".into(),
             }],
             access: None,
+            denials: None,
         }
     }
 
@@ -254,6 +289,31 @@ mod tests {
         )
         .expect("empty access");
         assert_eq!(empty.access, Some(vec![]));
+    }
+
+    #[test]
+    fn denials_are_optional_on_the_wire() {
+        let mut s = sample();
+        let json = serde_json::to_string(&s).expect("serialize");
+        assert!(!json.contains("denials"), "{json}");
+        s.denials = Some(vec![DenialHint {
+            device: s.devices[0].id.clone(),
+            app: "ssh".into(),
+            reason: "posture_failed".into(),
+            requirement: Some("disk-encryption".into()),
+            remediation: None,
+        }]);
+        let json = serde_json::to_string(&s).expect("serialize");
+        assert!(
+            !json.contains("remediation"),
+            "absent fields are left out: {json}"
+        );
+        let back: Snapshot = serde_json::from_str(&json).expect("deserialize");
+        assert_eq!(back, s);
+        let id = s.devices[0].id.to_uppercase();
+        let hint = back.denial_hint(&id, "ssh").expect("hint");
+        assert_eq!(hint.requirement.as_deref(), Some("disk-encryption"));
+        assert!(back.denial_hint(&id, "dns").is_none());
     }
 
     #[test]

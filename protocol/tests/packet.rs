@@ -279,7 +279,8 @@ fn strict_inner_parsing() {
 
     let cases: Vec<(Vec<u8>, &[u8])> = vec![
         (inner(1, b"ssh", 3, 4, &[1, 2, 3, 4]), &[0]), // trailing byte
-        (inner(8, b"ssh", 3, 0, &[]), &[]),            // unknown flag bit
+        (inner(16, b"ssh", 3, 0, &[]), &[]),           // unknown flag bit
+        (inner(8, b"ssh", 3, 0, &[]), &[]),            // ACK alone asks for nothing
         (inner(0x81, b"ssh", 3, 0, &[]), &[]),         // unknown flag bit
         (inner(0, b"ssh", 3, 0, &[]), &[]),            // no flag
         (inner(1, b"SSH", 3, 0, &[]), &[]),            // charset
@@ -313,10 +314,15 @@ fn strict_inner_parsing() {
         open(&d, &gw).err(),
         Some(OpenError::Malformed("trailing bytes after signature"))
     );
-    let d = seal_raw(&inner(8, b"ssh", 3, 0, &[]), &[], &gw);
+    let d = seal_raw(&inner(16, b"ssh", 3, 0, &[]), &[], &gw);
     assert_eq!(
         open(&d, &gw).err(),
         Some(OpenError::Malformed("unknown flag bits"))
+    );
+    let d = seal_raw(&inner(8, b"ssh", 3, 0, &[]), &[], &gw);
+    assert_eq!(
+        open(&d, &gw).err(),
+        Some(OpenError::Malformed("no flag set"))
     );
     let d = seal_raw(&inner(1, b"ssh", 3, 5, &[]), &[], &gw);
     assert_eq!(

@@ -1,5 +1,5 @@
 //! Client of the controller's HTTPS API (`/v1/enroll`, `/v1/login`, `/v1/posture`,
-//! `/v1/whoami`): a small blocking HTTP/1.1 client over rustls (ring provider) that trusts
+//! `/v1/whoami`, `/v1/time`): a small blocking HTTP/1.1 client over rustls (ring provider) that trusts
 //! exactly one pinned certificate, and the `controller.json` file written at enrollment.
 //!
 //! Owns: URL parsing (`https://HOST[:PORT]`), the pinned-certificate verifier (SHA-256 of
@@ -13,7 +13,6 @@
 use std::fmt;
 use std::io::{Read, Write};
 use std::net::{IpAddr, TcpStream, ToSocketAddrs};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -99,20 +98,9 @@ impl ControllerConfig {
 
     /// Writes the file with mode 0600 (replacing an older one, never following a symlink).
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
-        let text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
-        let tmp = path.with_extension("json.tmp");
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)?;
-        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-        f.write_all(text.as_bytes())?;
-        f.write_all(b"\n")?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        let mut text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
+        text.push('\n');
+        crate::private_file::write_private(path, text.as_bytes())
     }
 
     /// Reads the file written at enrollment.
@@ -339,6 +327,25 @@ impl ApiClient {
         })
     }
 
+    /// The controller's clock minus this device's, in ms, and the round trip in ms, from
+    /// `GET /v1/time` (unsigned): offset = controller time - the request's midpoint.
+    pub fn clock_offset_ms(&self) -> Result<(i64, i64), ApiClientError> {
+        #[derive(Deserialize)]
+        struct TimeAnswer {
+            unix_ms: i64,
+        }
+        let now_ms = || -> Result<i64, ApiClientError> {
+            Ok(SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_err(|_| ApiClientError::Clock)?
+                .as_millis() as i64)
+        };
+        let t0 = now_ms()?;
+        let answer: TimeAnswer = self.exchange("GET", "/v1/time", &[], b"")?.into_json()?;
+        let t1 = now_ms()?;
+        Ok((answer.unix_ms - (t0 + t1) / 2, t1 - t0))
+    }
+
     /// Registers `key` with the invite token (`POST /v1/enroll`).
     pub fn enroll(
         &self,
@@ -546,6 +553,7 @@ fn parse_head(head: &[u8]) -> Result<(u16, Option<usize>), ApiClientError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
 
     #[test]
     fn controller_urls_parse() {

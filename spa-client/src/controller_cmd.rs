@@ -1,5 +1,5 @@
 //! The client commands that talk to the controller's HTTPS API: `enroll`, `login`,
-//! `posture report` and `whoami`.
+//! sending a posture report and `whoami`.
 //!
 //! Owns: their messages and output, reading the TOTP code (flag or terminal prompt), and
 //! where `controller.json` lives (beside the key). Must not touch: HTTP/TLS and request
@@ -9,7 +9,8 @@ use std::io::{BufRead as _, IsTerminal as _, Read as _, Write as _};
 use std::path::Path;
 
 use anyhow::{bail, Context as _, Result};
-use postern_client::api_client::{ApiClient, ControllerConfig};
+use postern_client::api_client::{ApiClient, ApiClientError, ControllerConfig};
+use postern_client::exit::{Fix, CONTROLLER_UNREACHABLE};
 use postern_protocol::api_auth::InviteToken;
 use postern_protocol::keys::DeviceSigningKey;
 use serde::Deserialize;
@@ -17,6 +18,8 @@ use zeroize::Zeroizing;
 
 use crate::{generate_key, load_key};
 
+/// Where the answer to the last accepted posture report is kept.
+const LAST_POSTURE_FILE: &str = "last_posture.json";
 /// Largest posture report file sent.
 const MAX_FACTS_BYTES: u64 = 64 * 1024;
 
@@ -72,9 +75,15 @@ pub(crate) fn enroll(
 }
 
 /// The key and a client for the controller this device enrolled with.
-fn connect(key_file: &Path) -> Result<(DeviceSigningKey, ApiClient)> {
+pub(crate) fn connect(key_file: &Path) -> Result<(DeviceSigningKey, ApiClient)> {
+    if !key_file.exists() {
+        return Err(Fix::not_enrolled(&format!("no device key at {}", key_file.display())).into());
+    }
     let signing = load_key(key_file)?;
     let cfg_path = ControllerConfig::path_beside(key_file);
+    if !cfg_path.exists() {
+        return Err(Fix::not_enrolled(&format!("no {}", cfg_path.display())).into());
+    }
     let cfg = ControllerConfig::read(&cfg_path).map_err(anyhow::Error::msg)?;
     let pin = cfg.pin().map_err(anyhow::Error::msg)?;
     let client = ApiClient::new(&cfg.url, pin)
@@ -100,8 +109,9 @@ pub(crate) fn login(code: Option<String>, key_file: &Path, json: bool) -> Result
     let (signing, client) = connect(key_file)?;
     let body = Zeroizing::new(serde_json::to_vec(&serde_json::json!({ "code": code }))?);
     let answer: LoginAnswer = client
-        .signed(&signing, "POST", "/v1/login", &body)?
-        .into_json()?;
+        .signed(&signing, "POST", "/v1/login", &body)
+        .and_then(|r| r.into_json())
+        .map_err(api_failure)?;
     if json {
         println!("{}", serde_json::to_string(&answer)?);
     } else {
@@ -126,12 +136,13 @@ fn prompt_code() -> Result<String> {
 }
 
 #[derive(Debug, Deserialize, serde::Serialize)]
-struct PostureAnswer {
+pub(crate) struct PostureAnswer {
     received_at: String,
     expires_at: String,
 }
 
-pub(crate) fn posture_report(facts: &Path, key_file: &Path, json: bool) -> Result<()> {
+/// Reads a posture report file (`--facts`): at most 64 KiB of JSON.
+pub(crate) fn read_facts(facts: &Path) -> Result<Vec<u8>> {
     let file = std::fs::File::open(facts)
         .with_context(|| format!("--facts {}: cannot open", facts.display()))?;
     let mut body = Vec::new();
@@ -150,10 +161,12 @@ pub(crate) fn posture_report(facts: &Path, key_file: &Path, json: bool) -> Resul
             facts.display()
         )
     })?;
-    let (signing, client) = connect(key_file)?;
-    let answer: PostureAnswer = client
-        .signed(&signing, "POST", "/v1/posture", &body)?
-        .into_json()?;
+    Ok(body)
+}
+
+/// Sends a posture report, signed by the device key (`POST /v1/posture`).
+pub(crate) fn send_posture(body: &[u8], key_file: &Path, json: bool) -> Result<()> {
+    let answer = post_posture(body, key_file)?;
     if json {
         println!("{}", serde_json::to_string(&answer)?);
     } else {
@@ -163,6 +176,34 @@ pub(crate) fn posture_report(facts: &Path, key_file: &Path, json: bool) -> Resul
         );
     }
     Ok(())
+}
+
+/// Sends a posture report and prints nothing (`postern connect` / `ssh-proxy` renewals,
+/// whose stdout belongs to the command or the ssh channel).
+/// Remembers the answer in `last_posture.json` beside the key (for `postern status`).
+pub(crate) fn post_posture(body: &[u8], key_file: &Path) -> Result<PostureAnswer> {
+    let (signing, client) = connect(key_file)?;
+    let answer: PostureAnswer = client
+        .signed(&signing, "POST", "/v1/posture", body)
+        .and_then(|r| r.into_json())
+        .map_err(api_failure)?;
+    // Best effort: a status display must not fail a report the controller accepted.
+    if let Ok(text) = serde_json::to_vec(&answer) {
+        let _ = postern_client::private_file::write_private(&last_posture_path(key_file), &text);
+    }
+    Ok(answer)
+}
+
+/// `last_posture.json` beside the key: `{received_at, expires_at}` of the last report the
+/// controller accepted.
+pub(crate) fn last_posture_path(key_file: &Path) -> std::path::PathBuf {
+    ControllerConfig::path_beside(key_file).with_file_name(LAST_POSTURE_FILE)
+}
+
+/// The last accepted report's `{received_at, expires_at}`, if any.
+pub(crate) fn last_posture(key_file: &Path) -> Option<serde_json::Value> {
+    let text = std::fs::read(last_posture_path(key_file)).ok()?;
+    serde_json::from_slice(&text).ok()
 }
 
 pub(crate) fn whoami(key_file: &Path, json: bool) -> Result<()> {
@@ -175,8 +216,9 @@ pub(crate) fn whoami(key_file: &Path, json: bool) -> Result<()> {
     }
     let (signing, client) = connect(key_file)?;
     let me: Whoami = client
-        .signed(&signing, "GET", "/v1/whoami", b"")?
-        .into_json()?;
+        .signed(&signing, "GET", "/v1/whoami", b"")
+        .and_then(|r| r.into_json())
+        .map_err(api_failure)?;
     if json {
         println!("{}", serde_json::to_string(&me)?);
     } else {
@@ -189,4 +231,20 @@ pub(crate) fn whoami(key_file: &Path, json: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A failed exchange with the controller as an error with the right exit status: could
+/// not connect or prove the pinned identity → 6 with what to check; else as it is.
+pub(crate) fn api_failure(e: ApiClientError) -> anyhow::Error {
+    match e {
+        ApiClientError::Connect { .. }
+        | ApiClientError::PinMismatch { .. }
+        | ApiClientError::Io(_)
+        | ApiClientError::Tls(_) => Fix::new(
+            CONTROLLER_UNREACHABLE,
+            format!("{e} (check the network and the controller URL in controller.json)"),
+        )
+        .into(),
+        other => other.into(),
+    }
 }

@@ -4,3 +4,7 @@
 //! Owns: module wiring only. Must not touch: the command line (see `main.rs`).
 
 pub mod api_client;
+pub mod exit;
+pub mod posture;
+pub mod private_file;
+pub mod profile;

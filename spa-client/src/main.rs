@@ -4,19 +4,25 @@
 //! Packet construction and crypto belong to the protocol crate.
 
 use std::io::Write;
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs, UdpSocket};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use postern_protocol::keys::{DeviceSigningKey, GatewayPublicKey};
-use postern_protocol::packet::{self, flags, Knock, SealRandomness};
+use postern_protocol::keys::DeviceSigningKey;
+use postern_protocol::packet::flags;
 use zeroize::Zeroizing;
 
 mod controller_cmd;
+mod docs_cmd;
+mod knocker;
+mod posture_cmd;
+mod profile_cmd;
+mod reply_wait;
+mod session_cmd;
+mod status_cmd;
 
 /// The SPA port a gateway listens to (sniffs) when none is given.
 const DEFAULT_SPA_PORT: u16 = 62201;
@@ -25,6 +31,9 @@ const DEFAULT_SPA_PORT: u16 = 62201;
 #[derive(Debug, Parser)]
 #[command(name = "postern", version)]
 struct Cli {
+    /// Use this profile (gateway, gateway key, controller) instead of the default one.
+    #[arg(long, global = true, value_name = "NAME", env = "POSTERN_PROFILE")]
+    profile: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -57,12 +66,14 @@ enum Command {
     Knock {
         /// The app to open, as named by the admin (e.g. `ssh`).
         app: String,
-        /// Gateway host or address, optionally with :PORT (default port 62201).
+        /// Gateway host or address, optionally with :PORT (default port 62201; default:
+        /// from the profile).
         #[arg(long, value_name = "HOST[:PORT]")]
-        gateway: String,
-        /// The gateway's public key, as printed by `postern-gateway keygen`.
+        gateway: Option<String>,
+        /// The gateway's public key, as printed by `postern-gateway keygen` (default: from
+        /// the profile).
         #[arg(long, value_name = "x25519:KEY")]
-        gateway_key: String,
+        gateway_key: Option<String>,
         #[arg(long, value_name = "FILE")]
         key: Option<PathBuf>,
         /// Claim this address in the signed knock instead of this host's own source
@@ -70,10 +81,23 @@ enum Command {
         /// packet's source; the policy engine will decide when it may.
         #[arg(long, value_name = "ADDR")]
         allow_ip: Option<IpAddr>,
+        /// Wait this many milliseconds for the gateway's signed reply: a denial says why
+        /// and what to do (exit status 8); a grant is acknowledged with the session length
+        /// (the knock asks for it). 0 = send and exit at once, asking for no reply.
+        #[arg(long, value_name = "MS", default_value_t = 500)]
+        wait_reply: u64,
         /// Print what was sent as JSON.
         #[arg(long)]
         json: bool,
     },
+    /// Open APP and keep the session alive while COMMAND runs; close it when COMMAND exits.
+    ///
+    /// Example: postern connect web --gateway gw.example.org --gateway-key x25519:AbC...= -- curl http://gw.example.org:8080/
+    Connect(session_cmd::ConnectArgs),
+    /// ssh ProxyCommand: knock, wait for HOST:PORT, then carry stdin/stdout over TCP.
+    ///
+    /// Example (~/.ssh/config): ProxyCommand postern ssh-proxy %h %p --app ssh --gateway %h --gateway-key x25519:AbC...=
+    SshProxy(session_cmd::SshProxyArgs),
     /// Register this device with the controller using the admin's one-time invite token.
     ///
     /// Example: postern enroll --controller https://controller.example.org:8443 --token postern-invite:v1:...
@@ -82,9 +106,9 @@ enum Command {
     /// key). The controller's certificate is pinned from the token; the settings are saved
     /// as controller.json beside the key (mode 0600).
     Enroll {
-        /// The controller's client API, https://HOST:PORT.
+        /// The controller's client API, https://HOST:PORT (default: the profile's).
         #[arg(long, value_name = "URL")]
-        controller: String,
+        controller: Option<String>,
         /// The token printed by `postern-controller device invite`.
         #[arg(
             long,
@@ -117,9 +141,34 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Device posture commands.
+    /// Collect this device's posture and show it (table or --json), or `report` it.
+    ///
+    /// Example: postern posture --json
+    Posture(posture_cmd::PostureArgs),
+    /// Manage named profiles (gateway, gateway key, controller URL).
+    ///
+    /// Example: postern profile add work --gateway gw.example.org --gateway-key x25519:AbC...=
     #[command(subcommand)]
-    Posture(PostureCommand),
+    Profile(profile_cmd::ProfileCommand),
+    /// Enrollment, MFA age, posture verdict and clock offset to the controller.
+    ///
+    /// Example: postern status --json
+    Status(status_cmd::StatusArgs),
+    /// Print a shell completion script.
+    ///
+    /// Example: postern completions bash > /etc/bash_completion.d/postern
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (or write one page per command into --dir).
+    ///
+    /// Example: postern man | man -l -    or    postern man --dir /usr/local/share/man/man1
+    Man {
+        /// Write postern.1 and postern-COMMAND.1 here instead of printing postern.1.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Show how the controller sees this device (name, user, last MFA).
     ///
     /// Example: postern whoami --json
@@ -133,34 +182,14 @@ enum Command {
     },
 }
 
-#[derive(Debug, Subcommand)]
-enum PostureCommand {
-    /// Send a posture report (signed by the device key) to the controller.
-    ///
-    /// Example: postern posture report --facts facts.json
-    ///
-    /// The file is the JSON report described in docs/posture.md, e.g.
-    /// {"collected_at":"2026-11-23T10:00:00Z","os_family":"linux","disk_encrypted":true}.
-    Report {
-        /// The report file (at most 64 KiB).
-        #[arg(long, value_name = "FILE.json")]
-        facts: PathBuf,
-        /// Device key file (default: ~/.config/postern/device.key).
-        #[arg(long, value_name = "FILE")]
-        key: Option<PathBuf>,
-        /// Print {received_at, expires_at} as JSON.
-        #[arg(long)]
-        json: bool,
-    },
-}
-
 fn main() -> ExitCode {
     let cli: Cli = postern_terminal::parse_args();
+    profile_cmd::set_selected(cli.profile);
     match execute(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(postern_client::exit::status_of(&e))
         }
     }
 }
@@ -195,27 +224,62 @@ fn execute(command: Command) -> Result<()> {
             gateway_key,
             key,
             allow_ip,
+            wait_reply,
             json,
-        } => knock(
-            &app,
-            &gateway,
-            &gateway_key,
-            &key_path(key)?,
-            allow_ip,
-            json,
-        ),
+        } => {
+            let target = profile_cmd::resolve_gateway(gateway.as_deref(), gateway_key.as_deref())?;
+            knock(
+                &app,
+                &target.gateway,
+                &target.gateway_key,
+                &key_path(key)?,
+                allow_ip,
+                std::time::Duration::from_millis(wait_reply),
+                json,
+            )
+        }
+        Command::Connect(args) => {
+            let code = session_cmd::connect(args)?;
+            std::process::exit(code)
+        }
+        Command::SshProxy(args) => session_cmd::ssh_proxy(args),
         Command::Enroll {
             controller,
             token,
             key,
             generate,
             json,
-        } => controller_cmd::enroll(&controller, &token, &key_path(key)?, generate, json),
-        Command::Login { code, key, json } => controller_cmd::login(code, &key_path(key)?, json),
-        Command::Posture(PostureCommand::Report { facts, key, json }) => {
-            controller_cmd::posture_report(&facts, &key_path(key)?, json)
+        } => {
+            let controller = match controller {
+                Some(c) => c,
+                None => profile_cmd::controller_url()?,
+            };
+            controller_cmd::enroll(&controller, &token, &key_path(key)?, generate, json)
         }
+        Command::Login { code, key, json } => controller_cmd::login(code, &key_path(key)?, json),
+        Command::Posture(args) => posture_cmd::run(args),
+        Command::Profile(command) => profile_cmd::run(command),
+        Command::Status(args) => status_cmd::run(args),
+        Command::Completions { shell } => docs_cmd::completions(shell),
+        Command::Man { dir } => docs_cmd::man(dir),
         Command::Whoami { key, json } => controller_cmd::whoami(&key_path(key)?, json),
+    }
+}
+
+/// The device's clock offset to its controller, when it is enrolled (the gateway refuses
+/// knocks more than `max_skew_secs` off its own clock).
+fn clock_hint(key_file: &Path) -> String {
+    let cfg_path = postern_client::api_client::ControllerConfig::path_beside(key_file);
+    let offset = postern_client::api_client::ControllerConfig::read(&cfg_path)
+        .ok()
+        .and_then(|cfg| {
+            let pin = cfg.pin().ok()?;
+            let client = postern_client::api_client::ApiClient::new(&cfg.url, pin).ok()?;
+            client.clock_offset_ms().ok()
+        });
+    match offset {
+        Some((offset_ms, _rtt)) => format!("the controller's clock is {offset_ms} ms ahead of this device's"),
+        None => "compare this device's clock with the gateway's: `postern status` shows the offset when enrolled".to_owned(),
     }
 }
 
@@ -225,75 +289,78 @@ fn knock(
     gateway_key: &str,
     key_file: &Path,
     allow_ip: Option<IpAddr>,
+    wait_reply: std::time::Duration,
     json: bool,
 ) -> Result<()> {
-    let gateway_key = GatewayPublicKey::from_text(gateway_key).context(
-        "--gateway-key: expected the `x25519:...` line printed by `postern-gateway keygen`",
-    )?;
-    let signing = load_key(key_file)?;
-    let target = resolve(gateway)?;
-    let bind: SocketAddr = if target.is_ipv4() {
-        "0.0.0.0:0"
+    let knocker = knocker::Knocker::new(gateway, gateway_key, key_file, allow_ip)?;
+    let target = knocker.target();
+    let claimed = knocker.claimed();
+    // While waiting, ask for an acknowledgement of an allow too, so a granted knock
+    // returns as soon as the gateway has opened the door instead of after the full wait.
+    let ask = if wait_reply.is_zero() {
+        flags::KNOCK
     } else {
-        "[::]:0"
-    }
-    .parse()
-    .context("literal wildcard address")?;
-    let socket = UdpSocket::bind(bind).context("open a UDP socket")?;
-    // Connecting picks the route and so the source address the gateway will see; the knock
-    // claims (and signs) it, so a copy replayed from elsewhere opens nothing.
-    socket
-        .connect(target)
-        .with_context(|| format!("no route to the gateway {target}"))?;
-    let claimed = match allow_ip {
-        Some(ip) => ip,
-        None => socket
-            .local_addr()
-            .context("read the knock's source address")?
-            .ip(),
+        flags::KNOCK | flags::ACK
     };
-    let mut nonce = [0u8; 16];
-    getrandom::getrandom(&mut nonce).context("read the OS random number generator")?;
-    let mut ephemeral = Zeroizing::new([0u8; 32]);
-    getrandom::getrandom(ephemeral.as_mut()).context("read the OS random number generator")?;
-    let knock = Knock {
-        device: signing.public_key().device_id(),
-        timestamp_ms: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .context("system clock is before 1970")?
-            .as_millis() as u64,
-        nonce,
-        flags: flags::KNOCK,
-        app: app.to_owned(),
-        claimed_addr: Some(claimed),
-        posture_digest: [0; 32],
-    };
-    let datagram = packet::seal(
-        &knock,
-        &signing,
-        &gateway_key,
-        SealRandomness {
-            ephemeral_secret: *ephemeral,
-        },
-    )
-    .with_context(|| format!("build the knock for app {app:?}"))?;
-    socket
-        .send(&datagram)
-        .with_context(|| format!("send the knock to {target}"))?;
+    let sent = knocker.send(app, ask)?;
+    let reply = reply_wait::wait_reply(knocker.socket(), &sent.reply_key, wait_reply)?;
+    let denied = reply
+        .as_ref()
+        .filter(|r| r.decision == postern_protocol::reply::ReplyDecision::Deny);
     if json {
+        let reply_json = reply.as_ref().map(|r| {
+            serde_json::json!({
+                "decision": match r.decision {
+                    postern_protocol::reply::ReplyDecision::Deny => "deny",
+                    postern_protocol::reply::ReplyDecision::Allow => "allow",
+                },
+                "reason": r.reason, "message": r.message,
+                "remediation": (!r.remediation.is_empty()).then_some(&r.remediation),
+                "session_secs": (r.session_secs != 0).then_some(r.session_secs),
+            })
+        });
         let v = serde_json::json!({
-            "sent": true, "gateway": target.to_string(), "app": app, "bytes": datagram.len(),
-            "device_id": knock.device.to_string(), "claimed_addr": claimed.to_string(),
+            "sent": true, "gateway": target.to_string(), "app": app, "bytes": sent.bytes,
+            "device_id": sent.device.to_string(), "claimed_addr": claimed.to_string(),
+            "reply": reply_json,
         });
         println!("{v}");
     } else {
-        eprintln!("knocked for {app} at {target} ({} bytes)", datagram.len());
+        eprintln!("knocked for {app} at {target} ({} bytes)", sent.bytes);
+        if let Some(r) = reply
+            .as_ref()
+            .filter(|r| r.decision == postern_protocol::reply::ReplyDecision::Allow)
+        {
+            eprintln!("granted: session {} s", r.session_secs);
+        }
+        if let Some(r) = denied {
+            println!("denied: {}", r.message);
+            if !r.remediation.is_empty() {
+                println!("fix: {}", r.remediation);
+            }
+        }
+    }
+    if denied.is_some() {
+        std::process::exit(i32::from(postern_client::exit::DENIED));
+    }
+    if reply.is_none() && !wait_reply.is_zero() {
+        // A gateway answers every authenticated knock it can decide on (the knock asked
+        // for an acknowledgement); silence means it did not recognise this one.
+        return Err(postern_client::exit::Fix::new(
+            postern_client::exit::NO_ANSWER,
+            format!(
+                "no answer from the gateway at {target} within {} ms: check --gateway-key (the gateway prints it with `postern-gateway pubkey`), that this device is enrolled, and the clock ({}); or retry (UDP may be lost)",
+                wait_reply.as_millis(),
+                clock_hint(key_file)
+            ),
+        )
+        .into());
     }
     Ok(())
 }
 
 /// "host", "host:port", "1.2.3.4", "[::1]:62201" → one socket address.
-fn resolve(gateway: &str) -> Result<SocketAddr> {
+pub(crate) fn resolve(gateway: &str) -> Result<SocketAddr> {
     if let Ok(ip) = gateway.parse::<IpAddr>() {
         return Ok(SocketAddr::new(ip, DEFAULT_SPA_PORT));
     }
@@ -319,16 +386,11 @@ fn resolve(gateway: &str) -> Result<SocketAddr> {
 }
 
 /// The key file: the flag, or ~/.config/postern/device.key.
-fn key_path(flag: Option<PathBuf>) -> Result<PathBuf> {
+pub(crate) fn key_path(flag: Option<PathBuf>) -> Result<PathBuf> {
     if let Some(p) = flag {
         return Ok(p);
     }
-    let base = match std::env::var_os("XDG_CONFIG_HOME") {
-        Some(x) if !x.is_empty() => PathBuf::from(x),
-        _ => PathBuf::from(std::env::var_os("HOME").context("HOME is not set: pass --key FILE")?)
-            .join(".config"),
-    };
-    Ok(base.join("postern").join("device.key"))
+    Ok(postern_client::profile::config_dir()?.join("device.key"))
 }
 
 pub(crate) fn generate_key(path: &Path, force: bool) -> Result<DeviceSigningKey> {

@@ -257,6 +257,18 @@ pub fn seal_knock(
     timestamp_ms: u64,
     claimed: IpAddr,
 ) -> Vec<u8> {
+    seal_knock_with_reply_key(key, gateway, app, timestamp_ms, claimed).0
+}
+
+/// [`seal_knock`], also returning the key that opens the gateway's signed reply to it
+/// (the real client keeps the same one while it waits).
+pub fn seal_knock_with_reply_key(
+    key: &DeviceSigningKey,
+    gateway: &GatewayPublicKey,
+    app: &str,
+    timestamp_ms: u64,
+    claimed: IpAddr,
+) -> (Vec<u8>, postern_protocol::reply::ReplyKey) {
     use postern_protocol::packet::{flags, seal, Knock, SealRandomness};
     let mut nonce = [0u8; 16];
     let mut ephemeral = [0u8; 32];
@@ -271,7 +283,7 @@ pub fn seal_knock(
         claimed_addr: Some(claimed),
         posture_digest: [0; 32],
     };
-    seal(
+    let datagram = seal(
         &knock,
         key,
         gateway,
@@ -279,7 +291,10 @@ pub fn seal_knock(
             ephemeral_secret: ephemeral,
         },
     )
-    .expect("seal a valid knock")
+    .expect("seal a valid knock");
+    let reply_key = postern_protocol::reply::ReplyKey::new(ephemeral, *gateway, &datagram, nonce)
+        .expect("a sealed knock binds a reply key");
+    (datagram, reply_key)
 }
 
 /// How the gateway receives knocks.
@@ -625,14 +640,29 @@ impl Drop for Gateway {
     }
 }
 
-/// Runs `postern knock APP --gateway ADDR --gateway-key KEY --key FILE` in the lab's client
-/// namespace and returns its output (whatever the exit status).
+/// Runs `postern knock APP --gateway ADDR --gateway-key KEY --key FILE --wait-reply 0` in
+/// the lab's client namespace and returns its output (whatever the exit status). It does
+/// not wait for the gateway's signed reply (so a denied knock still exits 0 here); see
+/// [`knock_cli_with`] to wait for one.
 pub fn knock_cli(
     lab: &Lab,
     gw: &Gateway,
     device: &Device,
     app: &str,
     gateway_addr: IpAddr,
+) -> Output {
+    knock_cli_with(lab, gw, device, app, gateway_addr, &["--wait-reply", "0"])
+}
+
+/// [`knock_cli`] with `extra` arguments instead of `--wait-reply 0` (e.g.
+/// `["--wait-reply", "1000"]` to wait for the gateway's reply).
+pub fn knock_cli_with(
+    lab: &Lab,
+    gw: &Gateway,
+    device: &Device,
+    app: &str,
+    gateway_addr: IpAddr,
+    extra: &[&str],
 ) -> Output {
     let target = match gateway_addr {
         IpAddr::V4(a) => format!("{a}:{}", gw.options.spa_port),
@@ -646,7 +676,8 @@ pub fn knock_cli(
         .arg("--gateway-key")
         .arg(&gw.public_key_text)
         .arg("--key")
-        .arg(&device.key_file);
+        .arg(&device.key_file)
+        .args(extra);
     run(&mut cmd)
 }
 

@@ -15,8 +15,8 @@ pub mod lab;
 pub mod netns;
 
 pub use fixtures::{
-    knock_cli, knock_cli_ok, seal_knock, Capture, Controller, Device, Gateway, GatewayOptions,
-    InProcessDevice,
+    knock_cli, knock_cli_ok, knock_cli_with, seal_knock, seal_knock_with_reply_key, Capture,
+    Controller, Device, Gateway, GatewayOptions, InProcessDevice,
 };
 pub use lab::{
     bin, check_prerequisites, echo_roundtrip, poll, record_timing, tcp_connect, unix_ms,

@@ -133,6 +133,54 @@ fn posture_report_corpus() {
     replay("posture_report");
 }
 
+#[test]
+fn reply_open_corpus() {
+    replay("reply_open");
+}
+
+/// The reply seeds were sealed by an independent implementation (fuzz/seeds/make_seeds.py,
+/// Python `cryptography`): the client opens each to exactly the fields it was given.
+#[test]
+fn reply_seeds_open_to_their_fields() {
+    use postern_protocol::reply::ReplyDecision;
+    let (key, _, _) = targets::reply_kat();
+    let expect = [
+        (
+            "seed-deny-posture",
+            ReplyDecision::Deny,
+            "policy_denied",
+            "disk encryption required",
+            "enable LUKS on / and /home, see https://wiki.example.org/luks",
+            0,
+        ),
+        ("seed-deny-minimal", ReplyDecision::Deny, "x", "", "", 0),
+        (
+            "seed-allow-ack",
+            ReplyDecision::Allow,
+            "granted",
+            "",
+            "",
+            3600,
+        ),
+    ];
+    for (file, decision, reason, message, remediation, secs) in expect {
+        let data = std::fs::read(corpus_dir("reply_open").join(file))
+            .unwrap_or_else(|e| panic!("reply seed {file} is missing: {e}"));
+        let r = key.open(&data).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(
+            (
+                r.decision,
+                r.reason.as_str(),
+                r.message.as_str(),
+                r.remediation.as_str(),
+                r.session_secs
+            ),
+            (decision, reason, message, remediation, secs),
+            "{file}"
+        );
+    }
+}
+
 /// The seeds are real, valid inputs: each known-answer knock opens and verifies under its
 /// vector's keys, so the fuzzer (and this replay) reach past the AEAD.
 #[test]

@@ -14,69 +14,19 @@
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use postern_controller::registry::Registry;
 use postern_e2e::{
     echo_roundtrip, knock_cli_ok, record_timing, tcp_connect, Capture, Controller, Device, Gateway,
     GatewayOptions, Lab,
 };
-use postern_policy::Timestamp;
 use serde_json::Value;
+
+mod disk_policy;
+use disk_policy::{apply_policy, now_secs, store_report, store_report_for, REMEDIATION};
 
 const APP: &str = "web";
 const APP_PORT: u16 = 8080;
 const DECISION_TIMEOUT: Duration = Duration::from_secs(3);
 const DARK_TIMEOUT: Duration = Duration::from_millis(300);
-const REMEDIATION: &str = "Turn on full-disk encryption (LUKS, FileVault or BitLocker)";
-
-const POLICY: &str = r#"
-[[requirement]]
-name = "disk-encryption"
-disk_encryption = true
-remediation = "Turn on full-disk encryption (LUKS, FileVault or BitLocker)"
-
-[[rule]]
-name = "web-needs-healthy-device"
-effect = "allow"
-apps = ["web"]
-users = ["alice", "bob"]
-posture = ["disk-encryption"]
-"#;
-
-fn report(disk_encrypted: bool) -> String {
-    format!(
-        r#"{{"collected_at":"{}","os_family":"linux","os_version":"24.04","kernel":"6.8.0","disk_encrypted":{disk_encrypted},"firewall_on":true}}"#,
-        Timestamp::now()
-    )
-}
-
-fn now_secs() -> u64 {
-    u64::try_from(Timestamp::now().as_second()).expect("clock after 1970")
-}
-
-/// Stores a report valid for `valid_secs`, as `POST /v1/posture` does.
-fn store_report_for(ctl: &Controller, device: &str, disk_encrypted: bool, valid_secs: u64) {
-    let now = now_secs();
-    Registry::open(ctl.db())
-        .expect("open the controller's registry")
-        .store_posture_report(device, &report(disk_encrypted), now, now + valid_secs)
-        .unwrap_or_else(|e| panic!("store the posture report of {device}: {e}"));
-}
-
-fn store_report(ctl: &Controller, device: &str, disk_encrypted: bool) {
-    store_report_for(ctl, device, disk_encrypted, 3600);
-}
-
-/// Writes [`POLICY`] next to the controller's database and applies it with the CLI.
-fn apply_policy(ctl: &Controller) {
-    let policy_file = ctl.dir().join("policy.toml");
-    std::fs::write(&policy_file, POLICY).expect("write the policy file");
-    let policy_path = policy_file.to_str().expect("utf-8 temp path");
-    let dry = ctl.admin(&["policy", "apply", policy_path, "--dry-run"]);
-    assert!(dry.contains("+ rule \"web-needs-healthy-device\""), "{dry}");
-    let applied = ctl.admin(&["policy", "apply", policy_path]);
-    assert!(applied.contains("applied policy sha256"), "{applied}");
-}
-
 /// Probes the live flow every ~100 ms until it stops carrying data; panics after
 /// `within`. Returns how long that took.
 fn wait_flow_dead(stream: &mut TcpStream, within: Duration, what: &str) -> Duration {

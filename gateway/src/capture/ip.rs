@@ -16,6 +16,10 @@ const UDP_HEADER: usize = 8;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpaDatagram {
     pub src: IpAddr,
+    /// The sender's UDP source port (where a reply goes).
+    pub src_port: u16,
+    /// The address the datagram was sent to (a reply's source address).
+    pub dst: IpAddr,
     /// Byte range of the UDP payload within the captured packet.
     pub payload: Range<usize>,
 }
@@ -23,12 +27,13 @@ pub struct SpaDatagram {
 /// Finds a UDP datagram to `port` in `packet` (starting at the IP header; `ethertype` from
 /// the capture address). Fragments, IPv6 extension headers and bad lengths are rejected.
 pub fn spa_datagram(packet: &[u8], ethertype: u16, port: u16) -> Option<SpaDatagram> {
-    let (src, l4) = match ethertype {
+    let (src, dst, l4) = match ethertype {
         ETH_P_IP => ipv4(packet)?,
         ETH_P_IPV6 => ipv6(packet)?,
         _ => return None,
     };
     let udp = packet.get(l4.clone())?;
+    let src_port = u16::from_be_bytes([*udp.first()?, *udp.get(1)?]);
     let dport = u16::from_be_bytes([*udp.get(2)?, *udp.get(3)?]);
     let udp_len = usize::from(u16::from_be_bytes([*udp.get(4)?, *udp.get(5)?]));
     if dport != port || udp_len < UDP_HEADER || udp_len > udp.len() {
@@ -36,12 +41,14 @@ pub fn spa_datagram(packet: &[u8], ethertype: u16, port: u16) -> Option<SpaDatag
     }
     Some(SpaDatagram {
         src,
+        src_port,
+        dst,
         payload: l4.start + UDP_HEADER..l4.start + udp_len,
     })
 }
 
-/// IPv4 header: returns the source and the byte range of the UDP segment.
-fn ipv4(p: &[u8]) -> Option<(IpAddr, Range<usize>)> {
+/// IPv4 header: returns the source, the destination and the byte range of the UDP segment.
+fn ipv4(p: &[u8]) -> Option<(IpAddr, IpAddr, Range<usize>)> {
     let first = *p.first()?;
     let ihl = usize::from(first & 0x0f) * 4;
     if first >> 4 != 4 || ihl < 20 || p.len() < ihl {
@@ -54,11 +61,12 @@ fn ipv4(p: &[u8]) -> Option<(IpAddr, Range<usize>)> {
         return None;
     }
     let src = Ipv4Addr::new(p[12], p[13], p[14], p[15]);
-    Some((IpAddr::V4(src), ihl..total))
+    let dst = Ipv4Addr::new(p[16], p[17], p[18], p[19]);
+    Some((IpAddr::V4(src), IpAddr::V4(dst), ihl..total))
 }
 
-/// IPv6 header without extension headers: source and the UDP segment's range.
-fn ipv6(p: &[u8]) -> Option<(IpAddr, Range<usize>)> {
+/// IPv6 header without extension headers: source, destination and the UDP segment's range.
+fn ipv6(p: &[u8]) -> Option<(IpAddr, IpAddr, Range<usize>)> {
     const HDR: usize = 40;
     if p.len() < HDR || p[0] >> 4 != 6 || p[6] != IPPROTO_UDP {
         return None;
@@ -70,7 +78,13 @@ fn ipv6(p: &[u8]) -> Option<(IpAddr, Range<usize>)> {
     }
     let mut src = [0u8; 16];
     src.copy_from_slice(&p[8..24]);
-    Some((IpAddr::V6(Ipv6Addr::from(src)), HDR..end))
+    let mut dst = [0u8; 16];
+    dst.copy_from_slice(&p[24..40]);
+    Some((
+        IpAddr::V6(Ipv6Addr::from(src)),
+        IpAddr::V6(Ipv6Addr::from(dst)),
+        HDR..end,
+    ))
 }
 
 #[cfg(test)]
@@ -111,10 +125,14 @@ mod tests {
         let p = v4_udp(62201, b"hello");
         let d = spa_datagram(&p, ETH_P_IP, 62201).expect("v4 datagram");
         assert_eq!(d.src, "10.0.0.1".parse::<IpAddr>().expect("literal"));
+        assert_eq!(d.dst, "10.0.0.2".parse::<IpAddr>().expect("literal"));
+        assert_eq!(d.src_port, 40000);
         assert_eq!(&p[d.payload], b"hello");
         let p = v6_udp(62201, b"world!");
         let d = spa_datagram(&p, ETH_P_IPV6, 62201).expect("v6 datagram");
         assert_eq!(d.src, "fd00::1".parse::<IpAddr>().expect("literal"));
+        assert_eq!(d.dst, "::".parse::<IpAddr>().expect("literal"));
+        assert_eq!(d.src_port, 40000);
         assert_eq!(&p[d.payload], b"world!");
     }
 

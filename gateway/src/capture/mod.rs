@@ -4,6 +4,7 @@
 //! pipeline. Must not decide anything about a knock.
 
 pub mod ip;
+mod reply_socket;
 mod sniff;
 mod udp;
 
@@ -13,8 +14,21 @@ use std::time::Duration;
 
 use crate::config::{CaptureMode, Config};
 
+pub use reply_socket::{ReplySocket, SendFailure};
 pub use sniff::SniffSocket;
 pub use udp::UdpCapture;
+
+/// Where a captured datagram came from and went to: what a reply needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    /// The sender's address (canonical: IPv4-mapped IPv6 shown as IPv4 in UDP mode).
+    pub src: IpAddr,
+    /// The sender's UDP source port.
+    pub src_port: u16,
+    /// The address the datagram was sent to (sniff mode; `None` in UDP mode, where the
+    /// kernel picks a reply's source address).
+    pub dst: Option<IpAddr>,
+}
 
 /// A receive buffer big enough for any SPA datagram plus its IP and UDP headers.
 pub const BUFFER_LEN: usize = 2048;
@@ -39,7 +53,7 @@ impl Capture {
     }
 
     /// The next datagram to the SPA port, or `None` after the timeout.
-    pub fn recv<'a>(&mut self, buf: &'a mut [u8]) -> io::Result<Option<(IpAddr, &'a [u8])>> {
+    pub fn recv<'a>(&mut self, buf: &'a mut [u8]) -> io::Result<Option<(Peer, &'a [u8])>> {
         match self {
             Capture::Sniff(s) => s.recv(buf),
             Capture::Udp(u) => u.recv(buf),

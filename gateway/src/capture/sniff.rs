@@ -8,11 +8,11 @@
 
 use std::ffi::CString;
 use std::io;
-use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
 use super::ip::{spa_datagram, ETH_P_IP, ETH_P_IPV6};
+use super::Peer;
 
 const ETH_P_ALL: u16 = 0x0003;
 const PACKET_OUTGOING: u32 = 4;
@@ -183,7 +183,7 @@ impl SniffSocket {
     }
 
     /// Waits for the next SPA datagram; `Ok(None)` on timeout or a packet that is not one.
-    pub fn recv<'a>(&mut self, buf: &'a mut [u8]) -> io::Result<Option<(IpAddr, &'a [u8])>> {
+    pub fn recv<'a>(&mut self, buf: &'a mut [u8]) -> io::Result<Option<(Peer, &'a [u8])>> {
         // SAFETY: zeroed sockaddr_ll is valid; recvfrom writes at most `len` bytes into it.
         let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
@@ -212,6 +212,13 @@ impl SniffSocket {
         }
         let packet = &buf[..n as usize];
         let ethertype = u16::from_be(from.sll_protocol);
-        Ok(spa_datagram(packet, ethertype, self.port).map(|d| (d.src, &buf[d.payload])))
+        Ok(spa_datagram(packet, ethertype, self.port).map(|d| {
+            let peer = Peer {
+                src: d.src,
+                src_port: d.src_port,
+                dst: Some(d.dst),
+            };
+            (peer, &buf[d.payload])
+        }))
     }
 }

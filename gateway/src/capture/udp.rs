@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
+use super::Peer;
+
 /// A UDP socket bound to the SPA port.
 #[derive(Debug)]
 pub struct UdpCapture {
@@ -38,10 +40,26 @@ impl UdpCapture {
         })
     }
 
+    /// A second handle on the bound socket, non-blocking, for sending replies from the SPA
+    /// port (the receive side keeps its timeout).
+    pub fn reply_socket(&self) -> io::Result<UdpSocket> {
+        let s = self.socket.try_clone()?;
+        // O_NONBLOCK is per open file description, shared by both handles: send with
+        // MSG_DONTWAIT instead (the reply module does) and keep the receive timeout.
+        Ok(s)
+    }
+
     /// Waits for the next datagram; `Ok(None)` on timeout.
-    pub fn recv<'a>(&mut self, buf: &'a mut [u8]) -> io::Result<Option<(IpAddr, &'a [u8])>> {
+    pub fn recv<'a>(&mut self, buf: &'a mut [u8]) -> io::Result<Option<(Peer, &'a [u8])>> {
         match self.socket.recv_from(buf) {
-            Ok((n, from)) => Ok(Some((from.ip().to_canonical(), &buf[..n]))),
+            Ok((n, from)) => {
+                let peer = Peer {
+                    src: from.ip().to_canonical(),
+                    src_port: from.port(),
+                    dst: None,
+                };
+                Ok(Some((peer, &buf[..n])))
+            }
             Err(e)
                 if matches!(
                     e.kind(),

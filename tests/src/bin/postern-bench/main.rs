@@ -5,6 +5,8 @@
 //! lab's gateway namespace (own config, access, digest and run files in a temp dir), and
 //! the traffic it sends: only from inside the lab's client namespace to the lab's gateway
 //! namespace. Every loop is bounded in count and time. Prints one table on stdout.
+//! Rows 1-3 live here; rows 4 (`forwarding`), 5 (`revoke`), 6 (`memory`), fwknop's rows 2-3
+//! (`fwknop_rate`) and the perf profile (`profile`) in their modules.
 //! Must not touch: the root namespace's interfaces, routes or firewall, anything outside
 //! its temp directories. Not part of `scripts/test` (CI budget).
 #![allow(unsafe_code)] // the sub-millisecond connect probe and sendmmsg (module `sys`).
@@ -18,6 +20,12 @@ use postern_e2e::{
     bin, run_in, Capture, Controller, Gateway, GatewayOptions, InProcessDevice, Lab,
 };
 use postern_protocol::keys::GatewayPublicKey;
+
+mod forwarding;
+mod fwknop_rate;
+mod memory;
+mod profile;
+mod revoke;
 
 const APP: &str = "web";
 const APP_PORT: u16 = 8080;
@@ -140,15 +148,21 @@ fn sh(lab: &Lab, gateway_ns: bool, args: &[&str]) -> std::process::Output {
     cmd.output().unwrap_or_else(|e| panic!("run {args:?}: {e}"))
 }
 
-fn postern_knock_latency(lab: &Lab, ctl: &Controller, mode: Capture, trials: usize) -> Samples {
-    let name = format!("lat-{}", mode.as_str());
-    let dev = InProcessDevice::random(&name);
-    ctl.add_device(&name, USER, &dev.public_text());
+/// Gateway settings for trials with one knock at a time: windows far longer than a trial,
+/// no per-source limit in the way of back-to-back trials from one address.
+fn one_device_options(mode: Capture) -> GatewayOptions {
     let mut options = GatewayOptions::new(mode);
     options.pinhole_secs = 30;
     options.session_secs = 60;
     options.extra_config = "per_source_rate = 100000\nper_source_burst = 100000\n".into();
-    let mut gw = Gateway::start(lab, ctl, options);
+    options
+}
+
+fn postern_knock_latency(lab: &Lab, ctl: &Controller, mode: Capture, trials: usize) -> Samples {
+    let name = format!("lat-{}", mode.as_str());
+    let dev = InProcessDevice::random(&name);
+    ctl.add_device(&name, USER, &dev.public_text());
+    let mut gw = Gateway::start(lab, ctl, one_device_options(mode));
     let app = SocketAddrV4::new(lab.gateway_v4, APP_PORT);
     let spa = SocketAddr::new(IpAddr::V4(lab.gateway_v4), SPA_PORT);
     let mut s = Samples::default();
@@ -190,13 +204,30 @@ fn postern_knock_latency(lab: &Lab, ctl: &Controller, mode: Capture, trials: usi
     }
     gw.check_alive();
     gw.stop(Duration::from_secs(5));
-    // A stopped gateway leaves its dark table (fail closed); fwknop's phase needs it gone.
-    let _ = sh(lab, true, &["nft", "delete table inet postern"]);
+    drop_postern_table(lab);
     s
 }
 
-/// Sustained distinct valid knocks for `secs` seconds at an offered `rate` per second.
-/// Returns (offered/s, allowed/s, fraction allowed, flood pps reached).
+/// A stopped gateway leaves its dark table (fail closed); the next phase needs it gone.
+fn drop_postern_table(lab: &Lab) {
+    let _ = sh(lab, true, &["nft", "delete table inet postern"]);
+}
+
+/// What one sustained-knock run measured.
+struct Sustained {
+    offered: f64,
+    allowed: f64,
+    fraction: f64,
+    flood_pps: f64,
+    /// Gateway (VmRSS, VmHWM) in kB at the end of the run.
+    rss_kb: (u64, u64),
+    /// perf summary, when the run was profiled.
+    profile: Option<String>,
+}
+
+/// Sustained distinct valid knocks for `secs` seconds at an offered `rate` per second,
+/// optionally with a garbage flood and a perf profile of the gateway.
+#[allow(clippy::too_many_arguments)]
 fn postern_sustained(
     lab: &Lab,
     ctl: &Controller,
@@ -205,7 +236,8 @@ fn postern_sustained(
     rate: usize,
     secs: u64,
     flood_pps: u64,
-) -> (f64, f64, f64, f64) {
+    profile: bool,
+) -> Sustained {
     let mut options = GatewayOptions::new(mode);
     options.pinhole_secs = 30;
     options.session_secs = 60;
@@ -243,6 +275,9 @@ fn postern_sustained(
             flood_loop(spa, flood_pps, secs + 1, &stop)
         })
     });
+    let profiler = profile
+        .then(|| profile::Profiler::start(gw.pid(), secs + 1, mode.as_str()))
+        .flatten();
     let sent = run_in(lab.client.name(), || {
         let sock = UdpSocket::bind("0.0.0.0:0").expect("udp bind");
         sock.connect(spa).expect("udp connect");
@@ -267,15 +302,18 @@ fn postern_sustained(
     std::thread::sleep(Duration::from_secs(2));
     let allowed = count_allows(&gw.audit_log) - before;
     gw.check_alive();
+    let rss = memory::rss_kb(gw.pid());
+    let profile = profiler.map(|p| p.finish(15));
     gw.stop(Duration::from_secs(5));
-    // A stopped gateway leaves its dark table (fail closed); fwknop's phase needs it gone.
-    let _ = sh(lab, true, &["nft", "delete table inet postern"]);
-    (
-        sent as f64 / secs as f64,
-        allowed as f64 / secs as f64,
-        allowed as f64 / sent.max(1) as f64,
-        flood_rate,
-    )
+    drop_postern_table(lab);
+    Sustained {
+        offered: sent as f64 / secs as f64,
+        allowed: allowed as f64 / secs as f64,
+        fraction: allowed as f64 / sent.max(1) as f64,
+        flood_pps: flood_rate,
+        rss_kb: rss,
+        profile,
+    }
 }
 
 /// Garbage datagrams of knock size at `pps` for at most `secs` s (and 2M packets).
@@ -486,33 +524,136 @@ fn fwknop_knock_latency(lab: &Lab, udp: bool, trials: usize) -> Samples {
     s
 }
 
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(|v| {
-            v.parse()
-                .unwrap_or_else(|_| panic!("{name}: expected a number, got {v:?}"))
-        })
-        .unwrap_or(default)
+/// The command line: `--name NUMBER` options and `--only PHASE,...`.
+struct Args {
+    raw: Vec<String>,
+}
+
+const USAGE: &str =
+    "usage: postern-bench [--trials 50] [--secs 10] [--rate 15000] [--devices 200] \
+[--flood-pps 120000] [--revoke-trials 50] [--pinholes 100000] [--iperf-secs 5] \
+[--mem-devices 100000] [--mem-rate 4000] [--fwknop-rate 300] [--fwknop-secs 5] \
+[--only latency,sustained,flood,fwknop,profile,forwarding,revoke,memory]";
+
+const PHASES: &[&str] = &[
+    "latency",
+    "sustained",
+    "flood",
+    "fwknop",
+    "profile",
+    "forwarding",
+    "revoke",
+    "memory",
+];
+
+fn usage_error(msg: &str) -> ! {
+    eprintln!("postern-bench: {msg}\n{USAGE}");
+    std::process::exit(2);
+}
+
+impl Args {
+    fn parse() -> Args {
+        let raw: Vec<String> = std::env::args().skip(1).collect();
+        let known = [
+            "--trials",
+            "--secs",
+            "--rate",
+            "--devices",
+            "--flood-pps",
+            "--revoke-trials",
+            "--pinholes",
+            "--iperf-secs",
+            "--mem-devices",
+            "--mem-rate",
+            "--fwknop-rate",
+            "--fwknop-secs",
+            "--only",
+        ];
+        let mut i = 0;
+        while i < raw.len() {
+            if raw[i] == "--help" || raw[i] == "-h" {
+                println!("{USAGE}\nExample: sudo scripts/bench --secs 2 --trials 20 --only latency,revoke");
+                std::process::exit(0);
+            }
+            if !known.contains(&raw[i].as_str()) {
+                usage_error(&format!("unknown option {:?}", raw[i]));
+            }
+            if raw.get(i + 1).is_none() {
+                usage_error(&format!("{} needs a value", raw[i]));
+            }
+            i += 2;
+        }
+        Args { raw }
+    }
+
+    fn value(&self, name: &str) -> Option<&str> {
+        self.raw
+            .iter()
+            .position(|a| a == name)
+            .and_then(|i| self.raw.get(i + 1))
+            .map(String::as_str)
+    }
+
+    fn num(&self, name: &str, default: u64) -> u64 {
+        match self.value(name) {
+            None => default,
+            Some(v) => match v.parse::<u64>() {
+                Ok(n) if n > 0 => n,
+                _ => usage_error(&format!("{name}: expected a positive number, got {v:?}")),
+            },
+        }
+    }
+
+    /// Phases to run (`--only`), all by default.
+    fn phases(&self) -> Vec<&'static str> {
+        match self.value("--only") {
+            None => PHASES.to_vec(),
+            Some(list) => list
+                .split(',')
+                .map(|p| {
+                    PHASES
+                        .iter()
+                        .copied()
+                        .find(|k| *k == p.trim())
+                        .unwrap_or_else(|| {
+                            usage_error(&format!(
+                                "--only: unknown phase {p:?} (use {})",
+                                PHASES.join(",")
+                            ))
+                        })
+                })
+                .collect(),
+        }
+    }
 }
 
 fn main() {
-    let trials = arg("--trials", 50) as usize;
-    let secs = arg("--secs", 10);
-    let rate = arg("--rate", 15_000) as usize;
-    let devices = arg("--devices", 200) as usize;
-    let flood_pps = arg("--flood-pps", 120_000);
+    let args = Args::parse();
+    let trials = args.num("--trials", 50) as usize;
+    let secs = args.num("--secs", 10);
+    let rate = args.num("--rate", 15_000) as usize;
+    let devices = args.num("--devices", 200) as usize;
+    let flood_pps = args.num("--flood-pps", 120_000);
+    let revoke_trials = args.num("--revoke-trials", 50) as usize;
+    let pinholes = args.num("--pinholes", 100_000) as usize;
+    let iperf_secs = args.num("--iperf-secs", 5);
+    let mem_devices = args.num("--mem-devices", 100_000) as usize;
+    let mem_rate = args.num("--mem-rate", 4000) as usize;
+    let fwknop_rate = args.num("--fwknop-rate", 300) as usize;
+    let fwknop_secs = args.num("--fwknop-secs", 5);
+    let phases = args.phases();
+    let run = |p: &str| phases.contains(&p);
     for (tool, pkg) in [
         ("fwknopd", "fwknop-server"),
         ("fwknop", "fwknop-client"),
         ("iptables", "iptables"),
+        ("iperf3", "iperf3"),
+        ("perf", "linux-perf"),
     ] {
-        assert!(
-            postern_e2e::lab::which(tool).is_some(),
-            "`{tool}` not found: apt-get install -y {pkg}"
-        );
+        if postern_e2e::lab::which(tool).is_none() {
+            eprintln!("postern-bench: `{tool}` not found: apt-get install -y {pkg}");
+            std::process::exit(2);
+        }
     }
     let _ = bin("postern-gateway");
     let lab = Lab::new();
@@ -524,69 +665,228 @@ fn main() {
     ctl.grant(APP, USER);
 
     let mut rows: Vec<String> = Vec::new();
-    let lat = |name: &str, s: &Samples| {
+    let mut notes: Vec<String> = Vec::new();
+    let lat = |what: &str, name: &str, s: &Samples| {
         format!(
-            "| knock → port usable | {name} | {:.3} ms | {:.3} ms | {} ok, {} failed |",
+            "| {what} | {name} | {:.3} ms | {:.3} ms | {} ok, {} failed |",
             s.pct(50.0),
             s.pct(99.0),
             s.ms.len(),
             s.failed
         )
     };
-    eprintln!("(1) knock -> port usable, {trials} trials each");
-    let ps = postern_knock_latency(&lab, &ctl, Capture::Sniff, trials);
-    eprintln!("{}", lat("Postern sniff", &ps));
-    let pu = postern_knock_latency(&lab, &ctl, Capture::Udp, trials);
-    eprintln!("{}", lat("Postern udp", &pu));
-    let fu = fwknop_knock_latency(&lab, true, trials);
-    let fp = fwknop_knock_latency(&lab, false, trials);
-    rows.push(lat("Postern sniff", &ps));
-    rows.push(lat("Postern udp", &pu));
-    rows.push(lat("fwknop UDP server", &fu));
-    rows.push(lat("fwknop pcap", &fp));
-    for r in &rows {
-        eprintln!("{r}");
+    if run("latency") {
+        eprintln!("(1) knock -> port usable, {trials} trials each");
+        let what = "knock → port usable";
+        let ps = postern_knock_latency(&lab, &ctl, Capture::Sniff, trials);
+        eprintln!("{}", lat(what, "Postern sniff", &ps));
+        let pu = postern_knock_latency(&lab, &ctl, Capture::Udp, trials);
+        eprintln!("{}", lat(what, "Postern udp", &pu));
+        let fu = fwknop_knock_latency(&lab, true, trials);
+        eprintln!("{}", lat(what, "fwknop UDP server", &fu));
+        let fp = fwknop_knock_latency(&lab, false, trials);
+        eprintln!("{}", lat(what, "fwknop pcap", &fp));
+        rows.push(lat(what, "Postern sniff", &ps));
+        rows.push(lat(what, "Postern udp", &pu));
+        rows.push(lat(what, "fwknop UDP server", &fu));
+        rows.push(lat(what, "fwknop pcap", &fp));
+        rows.push(format!(
+            "| ratio p50 fwknop UDP / Postern sniff | | {:.1}× | {:.1}× (p99) | |",
+            fu.pct(50.0) / ps.pct(50.0),
+            fu.pct(99.0) / ps.pct(99.0)
+        ));
+        rows.push(format!(
+            "| ratio p50 fwknop pcap / Postern sniff | | {:.1}× | {:.1}× (p99) | |",
+            fp.pct(50.0) / ps.pct(50.0),
+            fp.pct(99.0) / ps.pct(99.0)
+        ));
     }
-    rows.push(format!(
-        "| ratio p50 fwknop UDP / Postern sniff | | {:.1}× | {:.1}× (p99) | |",
-        fu.pct(50.0) / ps.pct(50.0),
-        fu.pct(99.0) / ps.pct(99.0)
-    ));
-    rows.push(format!(
-        "| ratio p50 fwknop pcap / Postern sniff | | {:.1}× | {:.1}× (p99) | |",
-        fp.pct(50.0) / ps.pct(50.0),
-        fp.pct(99.0) / ps.pct(99.0)
-    ));
 
-    eprintln!("(2) sustained distinct valid knocks, {devices} devices, {rate}/s offered, {secs} s");
-    let devs: Vec<InProcessDevice> = (0..devices)
-        .map(|i| InProcessDevice::random(&format!("b{i}")))
-        .collect();
-    for d in &devs {
-        ctl.add_device(&d.name, USER, &d.public_text());
+    let devs: Vec<InProcessDevice> = if run("sustained") || run("flood") || run("profile") {
+        let devs: Vec<InProcessDevice> = (0..devices)
+            .map(|i| InProcessDevice::random(&format!("b{i}")))
+            .collect();
+        for d in &devs {
+            ctl.add_device(&d.name, USER, &d.public_text());
+        }
+        devs
+    } else {
+        Vec::new()
+    };
+    let mut best_sustained = 0.0f64;
+    let mut best_flood = 0.0f64;
+    if run("sustained") {
+        eprintln!(
+            "(2) sustained distinct valid knocks, {devices} devices, {rate}/s offered, {secs} s"
+        );
+        for mode in [Capture::Sniff, Capture::Udp] {
+            let r = postern_sustained(&lab, &ctl, &devs, mode, rate, secs, 0, false);
+            best_sustained = best_sustained.max(r.allowed);
+            rows.push(format!(
+                "| sustained valid knocks/s | Postern {} | {:.0}/s allowed | offered {:.0}/s | {:.1}% opened; gateway VmRSS {} kB |",
+                mode.as_str(),
+                r.allowed,
+                r.offered,
+                r.fraction * 100.0,
+                r.rss_kb.0
+            ));
+            eprintln!("{}", rows.last().map(String::as_str).unwrap_or_default());
+        }
     }
-    for mode in [Capture::Sniff, Capture::Udp] {
-        let (off, ok, frac, _) = postern_sustained(&lab, &ctl, &devs, mode, rate, secs, 0);
+    if run("flood") {
+        eprintln!("(3) the same under a garbage flood of {flood_pps} pps");
+        for mode in [Capture::Sniff, Capture::Udp] {
+            let r = postern_sustained(&lab, &ctl, &devs, mode, rate / 2, secs, flood_pps, false);
+            best_flood = best_flood.max(r.allowed);
+            rows.push(format!(
+                "| valid knocks/s under flood ({:.0} pps reached) | Postern {} | {:.0}/s allowed | offered {:.0}/s | {:.1}% opened |",
+                r.flood_pps,
+                mode.as_str(),
+                r.allowed,
+                r.offered,
+                r.fraction * 100.0
+            ));
+            eprintln!("{}", rows.last().map(String::as_str).unwrap_or_default());
+        }
+    }
+    if run("fwknop") {
+        eprintln!("(2/3) fwknop UDP server: {fwknop_rate}/s offered for {fwknop_secs} s, alone and under {flood_pps} pps");
+        let (off, ok, frac, _) = fwknop_rate::fwknop_sustained(&lab, fwknop_rate, fwknop_secs, 0);
         rows.push(format!(
-            "| sustained valid knocks/s | Postern {} | {ok:.0}/s allowed | offered {off:.0}/s | {:.1}% opened |",
-            mode.as_str(),
+            "| sustained valid knocks/s | fwknop UDP server | {ok:.0}/s served | offered {off:.0}/s | {:.1}% served ({fwknop_secs} s) |",
             frac * 100.0
         ));
-    }
-    eprintln!("(3) the same under a garbage flood of {flood_pps} pps");
-    for mode in [Capture::Sniff, Capture::Udp] {
-        let (off, ok, frac, fl) =
-            postern_sustained(&lab, &ctl, &devs, mode, rate / 2, secs, flood_pps);
+        eprintln!("{}", rows.last().map(String::as_str).unwrap_or_default());
+        if best_sustained > 0.0 {
+            rows.push(format!(
+                "| ratio sustained Postern (best mode) / fwknop | | {:.0}× | | |",
+                best_sustained / ok
+            ));
+        }
+        let (off, okf, frac, fl) =
+            fwknop_rate::fwknop_sustained(&lab, fwknop_rate, fwknop_secs, flood_pps);
         rows.push(format!(
-            "| valid knocks/s under flood ({fl:.0} pps reached) | Postern {} | {ok:.0}/s allowed | offered {off:.0}/s | {:.1}% opened |",
-            mode.as_str(),
+            "| valid knocks/s under flood ({fl:.0} pps reached) | fwknop UDP server | {okf:.0}/s served | offered {off:.0}/s | {:.1}% served ({fwknop_secs} s) |",
             frac * 100.0
         ));
+        eprintln!("{}", rows.last().map(String::as_str).unwrap_or_default());
+        if best_flood > 0.0 {
+            rows.push(format!(
+                "| ratio under flood Postern (best mode) / fwknop | | {:.0}× | | |",
+                best_flood / okf
+            ));
+        }
+    }
+    if run("profile") {
+        eprintln!("(profile) perf record on the sniff gateway at {rate}/s offered for {secs} s");
+        let r = postern_sustained(&lab, &ctl, &devs, Capture::Sniff, rate, secs, 0, true);
+        rows.push(format!(
+            "| sustained valid knocks/s, under perf | Postern sniff | {:.0}/s allowed | offered {:.0}/s | {:.1}% opened |",
+            r.allowed,
+            r.offered,
+            r.fraction * 100.0
+        ));
+        if let Some(p) = r.profile {
+            notes.push(format!(
+                "profile of the sniff gateway ({rate}/s offered, {secs} s):\n{p}"
+            ));
+        }
+    }
+    if run("forwarding") {
+        eprintln!(
+            "(4) iperf3 through the ruleset, 1 vs {pinholes}+1 pinholes, {iperf_secs} s each"
+        );
+        let f = forwarding::forwarding(&lab, pinholes, iperf_secs, 3);
+        let list = |v: &[f64]| {
+            v.iter()
+                .map(|x| format!("{x:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let (empty, full) = (forwarding::median(&f.empty), forwarding::median(&f.full));
+        rows.push(format!(
+            "| delivery throughput to the app (iperf3 TCP, {iperf_secs} s, median of {}) | Postern ruleset, 1 pinhole | {empty:.2} Gbit/s | | rounds: {} |",
+            f.empty.len(),
+            list(&f.empty)
+        ));
+        rows.push(format!(
+            "| delivery throughput to the app (iperf3 TCP, {iperf_secs} s, median of {}) | Postern ruleset, {}+1 pinholes | {full:.2} Gbit/s | | {:.1}% of the empty case; rounds: {} |",
+            f.full.len(),
+            f.pinholes,
+            100.0 * full / empty,
+            list(&f.full)
+        ));
+        let inst = forwarding::median(&f.install_secs);
+        rows.push(format!(
+            "| install {} pinholes (Firewall::open: one netlink batch of 2 elements each, acked) | postern_firewall | {inst:.2} s (median) | {:.1} µs/pinhole | rounds: {} s |",
+            f.pinholes,
+            inst * 1e6 / f.pinholes.max(1) as f64,
+            list(&f.install_secs)
+        ));
+    }
+    if run("revoke") {
+        eprintln!("(5) revoke -> live flow dead, {revoke_trials} trials per mode");
+        for mode in [Capture::Sniff, Capture::Udp] {
+            let r = revoke::revoke_flow_dead(&lab, &ctl, mode, revoke_trials);
+            let name = format!("Postern {}", mode.as_str());
+            rows.push(lat(
+                "revoke → live flow dead (echo every 10 ms)",
+                &name,
+                &r.dead,
+            ));
+            rows.push(lat(
+                "… `device revoke` command start → exit",
+                &name,
+                &r.command,
+            ));
+            rows.push(lat(
+                "… command start → gateway `sync` audit line (snapshot loaded)",
+                &name,
+                &r.synced,
+            ));
+            rows.push(lat(
+                "… command start → gateway `session_closed` audit line",
+                &name,
+                &r.closed,
+            ));
+            eprintln!("{}", rows.last().map(String::as_str).unwrap_or_default());
+        }
+    }
+    if run("memory") {
+        eprintln!("(6) gateway memory, {mem_devices} devices, knocks at {mem_rate}/s");
+        let m = memory::gateway_memory(&lab, mem_devices, mem_rate);
+        rows.push(format!(
+            "| gateway memory, 0 devices, 0 sessions (just started) | Postern sniff | VmRSS {:.1} MB | VmHWM {:.1} MB | |",
+            m.empty_kb.0 as f64 / 1024.0,
+            m.empty_kb.1 as f64 / 1024.0,
+        ));
+        rows.push(format!(
+            "| gateway memory, {} devices, 0 sessions | Postern sniff | VmRSS {:.1} MB | VmHWM {:.1} MB | enrolled in {:.1} s, loaded in {:.1} s |",
+            m.devices,
+            m.idle_kb.0 as f64 / 1024.0,
+            m.idle_kb.1 as f64 / 1024.0,
+            m.enroll_secs,
+            m.sync_secs
+        ));
+        rows.push(format!(
+            "| gateway memory, {} devices, {} live sessions | Postern sniff | VmRSS {:.1} MB | VmHWM {:.1} MB | {} knocks sent (up to 3 passes, one source address per device); sampled pinholes in the kernel: {}/{} |",
+            m.devices,
+            m.sessions,
+            m.loaded_kb.0 as f64 / 1024.0,
+            m.loaded_kb.1 as f64 / 1024.0,
+            m.knocks_sent,
+            m.pinholes,
+            m.pinholes_sampled
+        ));
+        eprintln!("{}", rows.last().map(String::as_str).unwrap_or_default());
     }
 
     println!("| measurement | system | p50 / rate | p99 / offered | notes |");
     println!("|---|---|---|---|---|");
     for r in rows {
         println!("{r}");
+    }
+    for n in notes {
+        println!("\n{n}");
     }
 }
