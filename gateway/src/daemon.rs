@@ -1,6 +1,7 @@
 //! The gateway daemon's lifecycle: start, the receive loop, and a clean stop.
 //!
-//! Owns the order of start-up (dark ruleset first, then capture, then sync), the single
+//! Owns the order of start-up (dark ruleset first, then capture, then the persisted
+//! snapshot and sync, then the status file), the single
 //! receive loop that feeds the pipeline and applies its decisions to the firewall, and
 //! the stop path: on SIGINT/SIGTERM every pinhole and session is removed while the dark
 //! ruleset stays in place (no door open, host still dark). Must not implement checks
@@ -23,8 +24,10 @@ use crate::config::{CaptureMode, Config};
 use crate::intake::Intake;
 use crate::keyfile;
 use crate::pipeline::{replay_window_ms, Decision, KnockPipeline, PipelineLimits};
+use crate::registry::RegistryView;
 use crate::replay_state::ReplayState;
 use crate::reply::ReplyTarget;
+use crate::status::{SnapshotSource, SyncState};
 use crate::unix_ms;
 
 /// How often the receive loop wakes up to check for a stop request.
@@ -131,6 +134,69 @@ fn close_revoked_sessions(
     }
 }
 
+/// What the start found in `state_dir/snapshot.json`, for the `start` audit event.
+#[derive(Debug)]
+struct PersistedAtStart {
+    /// `persisted` (loaded and in force) or `none` (missing or refused).
+    source: &'static str,
+    revision: Option<u64>,
+    age_secs: Option<u64>,
+    /// Why a file that exists was refused.
+    error: Option<String>,
+}
+
+/// Loads the persisted snapshot into `view` (see snapshot_file.rs). A missing file leaves
+/// the view empty; a corrupt or unreadable one is refused with a warning (no view: every
+/// knock is denied until the controller answers), never a panic. No age bound: access
+/// records' `until` still apply, legacy grants do not expire (docs/operations.md).
+fn load_persisted_snapshot(
+    cfg: &Config,
+    view: &crate::sync::SharedView,
+    state: &SyncState,
+) -> PersistedAtStart {
+    let none = |error| PersistedAtStart {
+        source: SnapshotSource::None.as_str(),
+        revision: None,
+        age_secs: None,
+        error,
+    };
+    match crate::snapshot_file::load(&cfg.state_dir) {
+        Ok(None) => {
+            tracing::info!(
+                "no persisted registry snapshot: every knock is denied until the controller answers"
+            );
+            none(None)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "persisted registry snapshot refused: every knock is denied until the controller answers");
+            none(Some(e.to_string()))
+        }
+        Ok(Some(p)) => {
+            let (registry, warnings) = RegistryView::from_snapshot(&p.snapshot);
+            for w in &warnings {
+                tracing::warn!(revision = p.snapshot.revision, "persisted snapshot: {w}");
+            }
+            let age_secs = unix_ms().saturating_sub(p.saved_at_ms) / 1000;
+            tracing::info!(
+                revision = registry.revision,
+                devices = registry.device_count(),
+                policy_mode = registry.policy_mode(),
+                age_secs,
+                "deciding from the persisted registry snapshot until the controller answers"
+            );
+            state.set_view(registry.revision, SnapshotSource::Persisted);
+            let revision = registry.revision;
+            view.store(Some(Arc::new(registry)));
+            PersistedAtStart {
+                source: SnapshotSource::Persisted.as_str(),
+                revision: Some(revision),
+                age_secs: Some(age_secs),
+                error: None,
+            }
+        }
+    }
+}
+
 /// The audit line of a knock whose decision the firewall could not apply.
 fn audit_firewall_error(audit: &AuditLog, now_ms: u64, src: std::net::IpAddr) {
     audit.knock(
@@ -161,12 +227,7 @@ fn serve(
     let capture =
         Capture::open(cfg, POLL).with_context(|| format!("open {} capture", cfg.capture))?;
     let view: crate::sync::SharedView = Arc::new(ArcSwapOption::empty());
-    let sync = crate::sync::spawn(
-        cfg.controller_socket.clone(),
-        Arc::clone(&view),
-        Arc::clone(audit),
-        Arc::clone(stop),
-    );
+    let sync_state = Arc::new(SyncState::default());
 
     let limits = PipelineLimits {
         max_skew_ms: cfg.max_skew_ms,
@@ -182,6 +243,22 @@ fn serve(
         clock.now_ms(),
     )
     .context("open the replay state (field `state_dir`)")?;
+    // state_dir exists (0700) now. Decide from the last snapshot until the controller
+    // answers; the sync thread asks for a full one first and replaces it.
+    let persisted = load_persisted_snapshot(cfg, &view, &sync_state);
+    let sync = crate::sync::spawn(crate::sync::SyncContext {
+        socket: cfg.controller_socket.clone(),
+        state_dir: cfg.state_dir.clone(),
+        view: Arc::clone(&view),
+        state: Arc::clone(&sync_state),
+        audit: Arc::clone(audit),
+        stop: Arc::clone(stop),
+    });
+    let status_writer = crate::status::spawn_writer(
+        cfg.state_dir.clone(),
+        Arc::clone(&sync_state),
+        Arc::clone(stop),
+    );
     let replier = crate::reply::Replier::new(
         secret.clone(),
         ReplySocket::for_capture(&capture, cfg.spa_port)
@@ -210,6 +287,10 @@ fn serve(
             "replay_entries": restored.entries,
             "replay_floor_ms": restored.floor,
             "clock_offset_test_only": clock.is_offset(),
+            "snapshot": persisted.source,
+            "snapshot_revision": persisted.revision,
+            "snapshot_age_secs": persisted.age_secs,
+            "snapshot_error": persisted.error,
         }),
     );
     tracing::info!(capture = %cfg.capture, spa_port = cfg.spa_port, gateway_key = %public.to_text(), "gateway running");
@@ -233,6 +314,7 @@ fn serve(
     // Forward mode: IP forwarding is switched on at the first forwarded knock, off at stop.
     let mut forwarding = crate::forwarding::Forwarding::new();
     let mut next_stats = Instant::now() + STATS_EVERY;
+    let mut next_status = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         close_revoked_sessions(
             &view,
@@ -244,6 +326,10 @@ fn serve(
             clock.now_ms(),
         );
         pipeline.replay_mut().tick(clock.now_ms());
+        if Instant::now() >= next_status {
+            next_status = Instant::now() + crate::status::WRITE_EVERY;
+            sync_state.set_live_sessions(pipeline.live_sessions(clock.now_ms()));
+        }
         if Instant::now() >= next_stats {
             next_stats = Instant::now() + STATS_EVERY;
             audit.event(clock.now_ms(), "stats", intake.stats());
@@ -313,6 +399,10 @@ fn serve(
     // (the caller's flush) is never delayed by the controller.
     stop.store(true, Ordering::Relaxed);
     drop(sync);
+    // The status writer sleeps at most 100 ms between checks; it removes the file.
+    if status_writer.join().is_err() {
+        tracing::warn!("the status writer thread panicked");
+    }
     for e in forwarding.restore() {
         tracing::warn!(error = %e, "forward mode: IP forwarding not restored");
     }

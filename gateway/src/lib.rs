@@ -5,6 +5,7 @@
 //! writes one audit line per decision. The binary (`main.rs`) is a thin CLI over this.
 
 pub mod admission;
+pub mod atomic_file;
 pub mod audit;
 pub mod capture;
 pub mod clock;
@@ -17,6 +18,8 @@ pub mod pipeline;
 pub mod registry;
 pub mod replay_state;
 pub mod reply;
+pub mod snapshot_file;
+pub mod status;
 pub mod sync;
 
 /// Milliseconds since the Unix epoch (0 if the clock is before 1970).

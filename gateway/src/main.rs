@@ -53,6 +53,24 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Show whether the running gateway is connected to the controller, the revision it
+    /// enforces, seconds since the last contact, where its snapshot came from, its live
+    /// sessions and pid. Reads STATE_DIR/status.json, which the daemon rewrites every second.
+    ///
+    /// Exit codes: 0 running and connected; 1 running but NOT connected (deciding from its
+    /// snapshot); 3 not running (status file missing, its pid gone, or older than 5 s);
+    /// 2 bad arguments or configuration.
+    #[command(
+        after_help = "Examples:\n  postern-gateway status\n  postern-gateway status --config /etc/postern/gateway.toml --json"
+    )]
+    Status {
+        /// The TOML configuration file (for `state_dir`).
+        #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Print one JSON object (`running`, and when running the status fields).
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove Postern's nftables table (only `inet TABLE`; other tables are untouched).
     ///
     /// Example: postern-gateway uninstall
@@ -61,6 +79,9 @@ enum Command {
         table: String,
     },
 }
+
+/// Where `status` looks for the configuration unless told.
+const DEFAULT_CONFIG: &str = "/etc/postern/gateway.toml";
 
 fn main() -> ExitCode {
     let cli: Cli = postern_terminal::parse_args();
@@ -72,7 +93,7 @@ fn main() -> ExitCode {
         )
         .init();
     match execute(cli.command) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -80,8 +101,39 @@ fn main() -> ExitCode {
     }
 }
 
-fn execute(command: Command) -> Result<()> {
-    match command {
+/// `postern-gateway status`: see the command's help for the exit codes.
+fn status(config: &std::path::Path, json: bool) -> ExitCode {
+    use postern_gateway::status::{self, Observed};
+    let cfg = match Config::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let observed = status::observe(&cfg.state_dir, postern_gateway::unix_ms());
+    let code = match &observed {
+        Observed::Running(s) if s.connected => status::EXIT_CONNECTED,
+        Observed::Running(_) => status::EXIT_DISCONNECTED,
+        Observed::NotRunning(_) => status::EXIT_NOT_RUNNING,
+    };
+    match (&observed, json) {
+        (Observed::Running(s), true) => {
+            let mut v = serde_json::to_value(s).unwrap_or_default();
+            v["running"] = serde_json::Value::Bool(true);
+            println!("{v}");
+        }
+        (Observed::NotRunning(why), true) => {
+            println!("{}", serde_json::json!({ "running": false, "error": why }));
+        }
+        (Observed::Running(s), false) => println!("{}", status::describe(s)),
+        (Observed::NotRunning(why), false) => println!("{why}"),
+    }
+    ExitCode::from(code)
+}
+
+fn execute(command: Command) -> Result<ExitCode> {
+    let done = match command {
         Command::Run { config } => daemon::run(&Config::load(&config)?),
         Command::Keygen { out, force } => {
             let secret = keyfile::generate(&out, force)?;
@@ -99,10 +151,13 @@ fn execute(command: Command) -> Result<()> {
             println!("{}: ok", config.display());
             Ok(())
         }
+        // Its own exit codes (connected / disconnected / not running).
+        Command::Status { config, json } => return Ok(status(&config, json)),
         Command::Uninstall { table } => {
             postern_firewall::Firewall::uninstall(&table)?;
             println!("removed table inet {table} (if it existed)");
             Ok(())
         }
-    }
+    };
+    done.map(|()| ExitCode::SUCCESS)
 }

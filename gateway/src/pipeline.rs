@@ -164,6 +164,11 @@ impl SessionTable {
         (now_ms < expires).then_some(id)
     }
 
+    /// Sessions not yet past their expiry at `now_ms`.
+    fn live(&self, now_ms: u64) -> usize {
+        self.by_key.values().filter(|(_, e)| now_ms < *e).count()
+    }
+
     fn prune(&mut self, now_ms: u64) {
         let by_id = &mut self.by_id;
         self.by_key.retain(|_, (id, expires)| {
@@ -343,6 +348,11 @@ impl KnockPipeline {
     /// periodically, so access that runs out closes even with the controller away.
     pub fn sessions_revoked_by(&mut self, view: &RegistryView, now_ms: u64) -> Vec<SessionId> {
         self.sessions.revoked_by(view, now_ms / 1000)
+    }
+
+    /// How many sessions the gateway remembers as live at `now_ms` (for `status`).
+    pub fn live_sessions(&self, now_ms: u64) -> usize {
+        self.sessions.live(now_ms)
     }
 
     /// The signed claimed address binds the knock to its sender: a copy replayed first

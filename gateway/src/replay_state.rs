@@ -25,7 +25,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -442,20 +442,8 @@ impl Journal {
         for (d, n, ts) in cache.entries() {
             text.push_str(&line(&format!("seen {} {} {ts} {hw}", hex(&d.0), hex(&n))));
         }
-        let tmp = self.dir.join(format!("{JOURNAL}.tmp"));
+        crate::atomic_file::write_atomic(&self.dir, JOURNAL, text.as_bytes())?;
         let final_path = self.dir.join(JOURNAL);
-        {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, &final_path)?;
-        File::open(&self.dir)?.sync_all()?;
         self.file = OpenOptions::new().append(true).open(&final_path)?;
         self.bytes = text.len() as u64;
         self.compacted_bytes = self.bytes;

@@ -30,6 +30,8 @@ pub struct Controller {
     db: PathBuf,
     socket: PathBuf,
     log: PathBuf,
+    /// The `serve` arguments after `--socket`, for [`Controller::restart`].
+    serve_args: Vec<String>,
     dir: TempDir,
 }
 
@@ -72,44 +74,83 @@ impl Controller {
         let db = dir.path().join("registry.db");
         let socket = dir.path().join("controller.sock");
         let log = dir.path().join("controller.log");
+        let serve_args: Vec<String> = serve_args.iter().map(|a| (*a).to_owned()).collect();
+        let child = Controller::spawn_serve(&db, &socket, &log, &serve_args);
+        let mut ctl = Controller {
+            child,
+            db,
+            socket,
+            log,
+            serve_args,
+            dir,
+        };
+        ctl.wait_serving();
+        ctl
+    }
+
+    fn spawn_serve(db: &Path, socket: &Path, log: &Path, serve_args: &[String]) -> ChildGuard {
         let mut cmd = Command::new(bin("postern-controller"));
         cmd.arg("--db")
-            .arg(&db)
+            .arg(db)
             .arg("serve")
             .arg("--socket")
-            .arg(&socket)
+            .arg(socket)
             .args(serve_args)
             .stdin(std::process::Stdio::null())
-            .stdout(crate::lab::open_append(&log))
-            .stderr(crate::lab::open_append(&log));
+            .stdout(crate::lab::open_append(log))
+            .stderr(crate::lab::open_append(log));
         let what = format!("{cmd:?}");
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-        let mut ctl = Controller {
-            child: ChildGuard::new(child, what),
-            db,
-            socket,
-            log,
-            dir,
-        };
+        ChildGuard::new(child, what)
+    }
+
+    /// Waits until the socket accepts a connection (a stale socket file left by a killed
+    /// controller does not count).
+    fn wait_serving(&mut self) {
         let ready = poll(READY_TIMEOUT, Duration::from_millis(10), || {
-            if let Some(status) = ctl.child.exited() {
+            if let Some(status) = self.child.exited() {
                 panic!(
                     "postern-controller serve exited early ({status}):\n{}",
-                    ctl.log_text()
+                    self.log_text()
                 );
             }
-            ctl.socket.exists().then_some(())
+            std::os::unix::net::UnixStream::connect(&self.socket)
+                .ok()
+                .map(drop)
         });
         if ready.is_none() {
             panic!(
-                "postern-controller serve did not create {} within {READY_TIMEOUT:?}:\n{}",
-                ctl.socket.display(),
-                ctl.log_text()
+                "postern-controller serve did not accept on {} within {READY_TIMEOUT:?}:\n{}",
+                self.socket.display(),
+                self.log_text()
             );
         }
-        ctl
+    }
+
+    /// SIGKILL, as a crash would; waits until the process is gone. The registry and the
+    /// (now stale) socket file stay for [`Controller::restart`].
+    pub fn kill(&mut self) {
+        run_ok(Command::new("kill").args(["-9", &self.child.id().to_string()]));
+        let gone = poll(Duration::from_secs(5), Duration::from_millis(10), || {
+            self.child.exited()
+        });
+        assert!(
+            gone.is_some(),
+            "postern-controller survived SIGKILL for 5 s"
+        );
+    }
+
+    /// Starts `serve` again on the same registry and socket (after [`Controller::kill`])
+    /// and waits until it accepts connections.
+    pub fn restart(&mut self) {
+        assert!(
+            self.child.exited().is_some(),
+            "Controller::restart: the controller is still running (kill it first)"
+        );
+        self.child = Controller::spawn_serve(&self.db, &self.socket, &self.log, &self.serve_args);
+        self.wait_serving();
     }
 
     pub fn socket(&self) -> &Path {
@@ -332,6 +373,9 @@ pub struct GatewayOptions {
     pub clock_offset_file: Option<PathBuf>,
     /// Extra TOML lines appended to the config (e.g. `crypto_budget = 100`).
     pub extra_config: String,
+    /// `true` (default): [`Gateway::start`] waits for a `sync` audit line (a snapshot from
+    /// the controller). `false`: only for the `start` line (e.g. the controller is down).
+    pub wait_for_sync: bool,
 }
 
 impl GatewayOptions {
@@ -347,6 +391,7 @@ impl GatewayOptions {
             state_dir: None,
             clock_offset_file: None,
             extra_config: String::new(),
+            wait_for_sync: true,
         }
     }
 }
@@ -490,14 +535,19 @@ impl Gateway {
             panic!("gateway did not create table inet {TABLE} within {READY_TIMEOUT:?}");
         }
         let left = READY_TIMEOUT.saturating_sub(started.elapsed());
+        let event = if self.options.wait_for_sync {
+            "sync"
+        } else {
+            "start"
+        };
         let synced = poll(left, Duration::from_millis(10), || {
             self.check_alive();
-            self.audit_events("sync").into_iter().next()
+            self.audit_events(event).into_iter().next()
         });
         if synced.is_none() {
             panic!(
-                "gateway did not load a registry snapshot (no audit line with \"event\":\"sync\") \
-                 within {READY_TIMEOUT:?}"
+                "gateway did not log an audit line with \"event\":\"{event}\" within {READY_TIMEOUT:?} \
+                 (\"sync\": a registry snapshot from the controller)"
             );
         }
     }
