@@ -11,7 +11,7 @@ use std::process::{Child, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{cmd, ok, run};
+use common::{cmd, fails, ok};
 use postern_client::api_client::{ApiClient, ApiClientError, ApiResponse};
 use postern_controller::registry::Registry;
 use postern_protocol::api_auth::{self, InviteToken};
@@ -249,37 +249,22 @@ fn invite_cli_refuses_bad_input_with_one_line() {
     let db = dir.path().join("r.db");
     let api_dir = dir.path().join("api");
     let api = api_dir.to_str().unwrap();
-    let (code, _, err) = run(
+    let invite = [
+        "--api-dir",
+        api,
+        "device",
+        "invite",
+        "laptop",
+        "--user",
+        "bob",
+    ];
+    fails(&db, &invite, 2, "postern-controller user add bob");
+    fails(
         &db,
-        &[
-            "--api-dir",
-            api,
-            "device",
-            "invite",
-            "laptop",
-            "--user",
-            "bob",
-        ],
+        &[&invite[..], &["--expires", "31d"]].concat(),
+        2,
+        "--expires",
     );
-    assert_eq!(code, 2, "{err}");
-    assert!(err.contains("postern-controller user add bob"), "{err}");
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
-    let (code, _, err) = run(
-        &db,
-        &[
-            "--api-dir",
-            api,
-            "device",
-            "invite",
-            "laptop",
-            "--user",
-            "bob",
-            "--expires",
-            "31d",
-        ],
-    );
-    assert_eq!(code, 2, "{err}");
-    assert!(err.contains("--expires"), "{err}");
     ok(&db, &["user", "add", "alice"]);
     let token = ok(
         &db,

@@ -6,19 +6,12 @@
 
 mod common;
 
-use common::{key, ok, run, tempdir};
+use common::{key, ok, tempdir};
 use postern_controller::proto::snapshot::{AppRecord, DeviceRecord, GrantRecord};
 
 /// Asserts a failure with exactly one stderr line starting with `prefix`.
 fn fails(db: &std::path::Path, args: &[&str], code: i32, prefix: &str) -> String {
-    let (c, out, err) = run(db, args);
-    assert_eq!(c, code, "{args:?}: stdout={out} stderr={err}");
-    assert!(out.is_empty(), "{args:?}: unexpected stdout {out}");
-    assert_eq!(
-        err.lines().count(),
-        1,
-        "{args:?}: stderr must be one line: {err}"
-    );
+    let err = common::fails(db, args, code, prefix);
     assert!(err.starts_with(prefix), "{args:?}: {err}");
     err
 }

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{key, ok, run, tempdir};
+use common::{key, ok, tempdir};
 use postern_controller::audit::AuditRow;
 use postern_controller::identity::{TotpError, MAX_TOTP_FAILURES, TOTP_WINDOW_SECS};
 use postern_controller::proto::keys::DevicePublicKey;
@@ -592,14 +592,7 @@ fn reenrollment_invalidates_old_secret() {
 
 /// Asserts a failure with exit code 2 and exactly one stderr line containing `needle`.
 fn fails2(db: &std::path::Path, args: &[&str], needle: &str) {
-    let (code, out, err) = run(db, args);
-    assert_eq!(code, 2, "{args:?}: stdout={out} stderr={err}");
-    assert!(out.is_empty(), "{args:?}: {out}");
-    assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
-    assert!(
-        err.starts_with("error: ") && err.contains(needle),
-        "{args:?}: {err}"
-    );
+    common::fails(db, args, 2, needle);
 }
 
 #[test]

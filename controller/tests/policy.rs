@@ -10,7 +10,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{key, ok, run, spawn_serve, tempdir, Client};
+use common::{fails, key, ok, spawn_serve, tempdir, Client};
 use postern_controller::policy_store::{AccessWatch, PolicyStoreError};
 use postern_controller::proto::keys::DevicePublicKey;
 use postern_controller::proto::snapshot::{AccessRecord, AppProtocol};
@@ -270,13 +270,6 @@ fn snapshot_access_follows_policy_posture_mfa_and_time() {
 }
 
 /// Asserts a failure with exit `code` and exactly one stderr line containing `needle`.
-fn fails(db: &Path, args: &[&str], code: i32, needle: &str) -> String {
-    let (c, out, err) = run(db, args);
-    assert_eq!(c, code, "{args:?}: stdout={out} stderr={err}");
-    assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err}");
-    assert!(err.contains(needle), "{args:?}: {err}");
-    err
-}
 
 #[test]
 fn cli_apply_dry_run_show_explain_and_posture() {

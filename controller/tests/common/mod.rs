@@ -53,6 +53,24 @@ pub fn ok(db: &Path, args: &[&str]) -> String {
     out
 }
 
+/// Runs the binary with `args`, which must fail with exit `code`, print nothing on stdout
+/// and exactly one `error: ...` line on stderr containing `needle`; returns that line.
+pub fn fails(db: &Path, args: &[&str], code: i32, needle: &str) -> String {
+    let (c, out, err) = run(db, args);
+    assert_eq!(c, code, "{args:?}: stdout={out} stderr={err}");
+    assert!(out.is_empty(), "{args:?}: unexpected stdout {out}");
+    assert_eq!(
+        err.lines().count(),
+        1,
+        "{args:?}: stderr must be one line: {err}"
+    );
+    assert!(
+        err.starts_with("error: ") && err.contains(needle),
+        "{args:?}: {err}"
+    );
+    err
+}
+
 /// Starts `serve` on `socket` and waits until it accepts connections.
 pub fn spawn_serve(db: &Path, socket: &Path, hold_ms: u64) -> Child {
     let child = cmd(db)
