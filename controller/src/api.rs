@@ -320,7 +320,12 @@ where
             .registry
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        f(&mut reg)
+        let result = f(&mut reg);
+        drop(reg);
+        // Enrollment, MFA and posture writes change what gateways must enforce: have
+        // the revision watcher look now instead of at its next poll.
+        crate::sync::wake_revision_watcher();
+        result
     })
     .await
     .map_err(ApiFailure::internal)?

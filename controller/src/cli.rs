@@ -106,6 +106,18 @@ pub enum Command {
         after_help = "Example:\n  postern-controller audit list --limit 20\n  postern-controller audit list --json"
     )]
     Audit(crate::cmd_identity::AuditCommand),
+    /// List the gateways' live sessions; kill one.
+    #[command(
+        subcommand,
+        after_help = "Example:\n  postern-controller session list\n  postern-controller session kill edge-1:0a1b2c"
+    )]
+    Session(crate::cmd_session::SessionCommand),
+    /// Add, list and remove remote gateways (enrollment tokens for the TLS control channel).
+    #[command(
+        subcommand,
+        after_help = "Example:\n  postern-controller gateway add edge-1 --expires 24h\n  postern-controller gateway list --json\n  postern-controller gateway remove edge-1"
+    )]
+    Gateway(crate::cmd_gateway::GatewayCommand),
     /// Copy the live registry into a new file (online: the controller keeps running).
     #[command(
         after_help = "Example:\n  postern-controller backup /var/backups/postern-$(date +%F).db\n\nThe copy is a complete SQLite database (mode 0600: it holds TOTP secrets), checked with\nPRAGMA integrity_check before the command succeeds. It never overwrites a file.\nRestore: stop the controller, copy the backup over the --db file (remove its -wal\nand -shm files), start the controller."
@@ -119,7 +131,7 @@ pub enum Command {
     },
     /// Serve registry snapshots to gateways on a Unix socket (runs until SIGINT/SIGTERM).
     #[command(
-        after_help = "Example:\n  postern-controller --db /var/lib/postern/registry.db serve --socket /run/postern/controller.sock\n  postern-controller serve --socket /run/postern/controller.sock --api 0.0.0.0:8443 --posture-ttl 1h\n\nWith --api the client HTTPS API (enroll, login, posture; docs/api.md) runs too.\n\nProtocol: one JSON line per request, {\"after_revision\": N}; answered with {\"snapshot\": {...}} as soon as the revision differs from N, or after 10 s (heartbeat)."
+        after_help = "Example:\n  postern-controller --db /var/lib/postern/registry.db serve --socket /run/postern/controller.sock\n  postern-controller serve --socket /run/postern/controller.sock --api 0.0.0.0:8443 --posture-ttl 1h\n  postern-controller serve --socket /run/postern/controller.sock --gateway-listen 0.0.0.0:7443\n\nWith --api the client HTTPS API (enroll, login, posture; docs/api.md) runs too.\nWith --gateway-listen remote gateways connect over mutual TLS (docs/control-channel.md;\nenroll each with a token from `postern-controller gateway add NAME`).\n\nProtocol: one JSON line per request, {\"after_revision\": N}; answered with {\"snapshot\": {...}} as soon as the revision differs from N, or after 10 s (heartbeat)."
     )]
     Serve(ServeArgs),
 }
@@ -248,6 +260,15 @@ pub struct ServeArgs {
     /// How long a device's posture report stays valid: 1m to 30d.
     #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
     pub posture_ttl: u64,
+    /// Also serve the TLS control channel for remote gateways on this address, e.g.
+    /// 0.0.0.0:7443 (port 0 picks a free port; the log line `gateway channel listening on
+    /// ADDR` names it). Gateways enroll with a token from `gateway add`.
+    #[arg(long, value_name = "ADDR")]
+    pub gateway_listen: Option<std::net::SocketAddr>,
+    /// How long a stream gateway may stay silent before it is dropped (tests only).
+    #[arg(long, hide = true, value_name = "MS", default_value_t = 60_000,
+          value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub gateway_silence_ms: u64,
 }
 
 /// The user's input was rejected (exit code 2).
@@ -385,6 +406,14 @@ pub fn run(cli: Cli, stop: impl FnOnce() -> anyhow::Result<Arc<AtomicBool>>) -> 
         Command::User(cmd) => crate::cmd_identity::run_user(cmd, &open, &mut out)?,
         Command::Group(cmd) => crate::cmd_identity::run_group(cmd, &open, &mut out)?,
         Command::Audit(cmd) => crate::cmd_identity::run_audit(cmd, &open, &mut out)?,
+        Command::Gateway(cmd) => {
+            let api_dir = cli
+                .api_dir
+                .clone()
+                .unwrap_or_else(|| api_identity::default_dir(&db));
+            crate::cmd_gateway::run(cmd, &open, &api_dir, &mut out)?
+        }
+        Command::Session(cmd) => crate::cmd_session::run(cmd, &open, &mut out)?,
         Command::Device(DeviceCommand::Identity(cmd)) => {
             crate::cmd_identity::run_device(cmd, &open, &mut out)?
         }
@@ -427,6 +456,12 @@ pub fn run(cli: Cli, stop: impl FnOnce() -> anyhow::Result<Arc<AtomicBool>>) -> 
                         .clone()
                         .unwrap_or_else(|| admin::default_socket(&db))
                 }),
+                gateway_listen: args.gateway_listen,
+                gateway_read_silence: Duration::from_millis(args.gateway_silence_ms),
+                api_dir: cli
+                    .api_dir
+                    .clone()
+                    .unwrap_or_else(|| api_identity::default_dir(&db)),
             };
             let stop = stop()?;
             let api_server = match args.api {

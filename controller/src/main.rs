@@ -6,8 +6,10 @@
 //! (see `cli`, `postern_controller::registry`).
 
 mod cli;
+mod cmd_gateway;
 mod cmd_identity;
 mod cmd_policy;
+mod cmd_session;
 
 use std::io::IsTerminal as _;
 use std::process::ExitCode;

@@ -1,24 +1,25 @@
 //! Policy and posture in the registry: the applied policy file, the latest posture report
-//! per device, the policy engine's view of a device, and the access records the gateway
-//! enforces (docs/policy.md, "Enforcement at the gateway").
+//! per device, the policy engine's view of a device, and the snapshot's policy part the
+//! gateways decide from (docs/policy.md, "Enforcement at the gateway").
 //!
 //! Owns: reads and writes of the `policies` and `posture_reports` tables (each write in
 //! one IMMEDIATE transaction with its revision bump and audit row), the checks done before
 //! a policy is stored (apps must exist; unknown users/groups are warnings), building a
-//! `postern_policy::Device` from registry rows, and computing `Snapshot::access`.
+//! `postern_policy::Device` from registry rows, and the snapshot's `policy` and
+//! `subjects` (posture as per-requirement verdicts: the facts never leave here).
 //! Must not touch: the policy semantics (the `postern_policy` crate decides), the CLI's
 //! presentation or sockets. Callers pass `now`, except `snapshot_policy`, which evaluates
 //! at the current time because a snapshot is "what holds now".
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use postern_policy::{
     Decision, Device, Explanation, PolicyDiff, PolicySet, Posture, PostureReport, ReportError,
-    Request, Timestamp,
+    Request, Requirement, Timestamp,
 };
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::proto::snapshot::{AccessRecord, DenialHint, MAX_DENIAL_HINTS};
+use crate::proto::snapshot::{AccessRecord, DenialHint, PolicySubject, PolicyText, PostureVerdict};
 use crate::registry::{bump, Registry, RegistryError};
 
 /// How far in the future a report's `collected_at` may be (device clock skew).
@@ -290,7 +291,7 @@ fn policy_device(conn: &Connection, name_or_id: &str) -> Result<PolicyDevice, Po
             groups,
             revoked,
             disabled,
-            risk: u8::try_from(risk.clamp(0, 100)).unwrap_or(100),
+            risk: risk_score(risk),
             last_mfa,
             posture,
         },
@@ -329,58 +330,15 @@ fn posture_report(
     }))
 }
 
-/// `Snapshot::access` at `now`: `None` without a stored policy (legacy grants decide);
-/// else every (device, app) pair the policy allows now without knowing the knock's
-/// source, with `until` = the grant's `valid_until` (rounded down to whole seconds, so a
+/// What the policy allows with the source address unknown, as older gateways enforced it
+/// (`Snapshot::access` before local decisions; `device posture` and tests still use it):
+/// `None` without a stored policy; else every (device, app) pair the policy allows at
+/// `now`, with `until` = the grant's `valid_until` (rounded down to whole seconds, so a
 /// record never outlives its decision). Revoked devices get no record.
 pub fn access_records(
     conn: &Connection,
     now: Timestamp,
 ) -> Result<Option<Vec<AccessRecord>>, PolicyStoreError> {
-    Ok(access_and_denials(conn, now)?.map(|(access, _)| access))
-}
-
-/// The denial hint for a refused (device, app) pair when the user can fix the reason
-/// (a failing posture requirement, MFA missing or too old); `None` for the rest (no rule,
-/// deny rule, revoked, time window, risk: nothing the device can do).
-fn denial_hint(device: &str, app: &str, denial: &postern_policy::Denial) -> Option<DenialHint> {
-    use postern_policy::{DenyReason, Failure};
-    let (reason, requirement, remediation) = match &denial.reason {
-        DenyReason::Failed(Failure::Posture {
-            requirement,
-            remediation,
-            ..
-        }) => (
-            "posture_failed",
-            Some(requirement.clone()),
-            Some(remediation.clone()).filter(|r| !r.is_empty()),
-        ),
-        DenyReason::Failed(Failure::MfaTooOld { .. }) => {
-            ("mfa_too_old", None, Some("run `postern login`".to_owned()))
-        }
-        DenyReason::Failed(Failure::MfaMissing) => {
-            ("mfa_missing", None, Some("run `postern login`".to_owned()))
-        }
-        _ => return None,
-    };
-    Some(DenialHint {
-        device: device.to_owned(),
-        app: app.to_owned(),
-        reason: reason.to_owned(),
-        requirement,
-        remediation,
-    })
-}
-
-/// A snapshot's policy part: `Snapshot::access` and `Snapshot::denials`.
-pub type SnapshotPolicy = (Vec<AccessRecord>, Vec<DenialHint>);
-
-/// [`access_records`] and, next to them, the denial hints of the refused pairs (at most
-/// [`MAX_DENIAL_HINTS`]), from one evaluation of every (device, app) pair.
-pub fn access_and_denials(
-    conn: &Connection,
-    now: Timestamp,
-) -> Result<Option<SnapshotPolicy>, PolicyStoreError> {
     let Some(set) = stored_set(conn)? else {
         return Ok(None);
     };
@@ -389,7 +347,6 @@ pub fn access_and_denials(
         .into_iter()
         .collect();
     let mut records = Vec::new();
-    let mut hints = Vec::new();
     for id in &ids {
         let device = policy_device(conn, id)?.device;
         for app in &apps {
@@ -399,38 +356,183 @@ pub fn access_and_denials(
                 source: None,
                 now,
             };
-            match postern_policy::decide(&set, &request) {
-                Decision::Allow(grant) => records.push(AccessRecord {
+            if let Decision::Allow(grant) = postern_policy::decide(&set, &request) {
+                records.push(AccessRecord {
                     device: id.clone(),
                     app: app.clone(),
                     until: grant.valid_until.map(unix_secs),
-                }),
-                Decision::Deny(denial) if hints.len() < MAX_DENIAL_HINTS => {
-                    hints.extend(denial_hint(id, app, &denial));
-                }
-                Decision::Deny(_) => {}
+                });
             }
         }
     }
     records.sort();
-    hints.sort();
-    Ok(Some((records, hints)))
+    Ok(Some(records))
 }
 
-/// [`access_and_denials`] for `Registry::snapshot` (`Snapshot::access` and `denials`):
-/// database errors fail the snapshot; a stored policy that cannot be evaluated fails
-/// closed (policy mode, nothing allowed, no hints) rather than falling back to the legacy
-/// grants.
-pub(crate) fn snapshot_policy(conn: &Connection) -> Result<Option<SnapshotPolicy>, RegistryError> {
-    match access_and_denials(conn, Timestamp::now()) {
-        Ok(policy) => Ok(policy),
-        Err(PolicyStoreError::Sqlite(e)) => Err(RegistryError::Sqlite(e)),
-        Err(PolicyStoreError::Registry(e)) => Err(e),
+/// The policy part of a snapshot (docs/policy.md, "Enforcement at the gateway").
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SnapshotPolicy {
+    /// `Snapshot::access`: empty (nothing allowed) whenever a policy is applied, so a
+    /// gateway too old to read `policy` fails closed instead of falling back to grants.
+    pub access: Option<Vec<AccessRecord>>,
+    /// `Snapshot::denials`: never sent with `policy` (the gateway's own decision names the
+    /// failing requirement); empty when the stored policy cannot be evaluated.
+    pub denials: Option<Vec<DenialHint>>,
+    /// `Snapshot::policy`: the applied file.
+    pub policy: Option<PolicyText>,
+    /// `Snapshot::subjects`: every non-revoked device, with posture verdicts.
+    pub subjects: Option<Vec<PolicySubject>>,
+}
+
+/// The policy part of `Registry::snapshot` at `now`: nothing without a stored policy
+/// (legacy grants decide); else the file and [`policy_subjects`]. Database errors fail
+/// the snapshot; a stored policy that does not parse fails closed (empty `access`, no
+/// `policy`: gateways admit nothing) rather than falling back to the legacy grants.
+pub fn snapshot_policy_at(
+    conn: &Connection,
+    now: Timestamp,
+) -> Result<SnapshotPolicy, RegistryError> {
+    let stored = stored_policy(conn).map_err(into_registry_error)?;
+    let Some(stored) = stored else {
+        return Ok(SnapshotPolicy::default());
+    };
+    let set = match postern_policy::parse(&stored.source) {
+        Ok(set) => set,
         Err(e) => {
-            tracing::warn!(error = %e, "cannot evaluate the stored policy: gateways admit nothing");
-            Ok(Some((Vec::new(), Vec::new())))
+            tracing::warn!(sha256 = %stored.sha256, error = %e, "the stored policy does not parse: gateways admit nothing");
+            return Ok(SnapshotPolicy {
+                access: Some(Vec::new()),
+                denials: Some(Vec::new()),
+                policy: None,
+                subjects: None,
+            });
+        }
+    };
+    let subjects = policy_subjects(conn, &set, now).map_err(into_registry_error)?;
+    Ok(SnapshotPolicy {
+        access: Some(Vec::new()),
+        denials: None,
+        policy: Some(PolicyText {
+            text: stored.source,
+            sha256: stored.sha256,
+        }),
+        subjects: Some(subjects),
+    })
+}
+
+/// [`snapshot_policy_at`] now (a snapshot is "what holds now").
+pub(crate) fn snapshot_policy(conn: &Connection) -> Result<SnapshotPolicy, RegistryError> {
+    snapshot_policy_at(conn, Timestamp::now())
+}
+
+fn into_registry_error(e: PolicyStoreError) -> RegistryError {
+    match e {
+        PolicyStoreError::Sqlite(e) => RegistryError::Sqlite(e),
+        PolicyStoreError::Registry(e) => e,
+        other => RegistryError::Corrupt(other.to_string()),
+    }
+}
+
+/// The names of the requirements some allow rule of `set` needs, in file order.
+fn used_requirements(set: &PolicySet) -> Vec<&Requirement> {
+    set.requirements
+        .iter()
+        .filter(|r| set.rules.iter().any(|rule| rule.posture.contains(&r.name)))
+        .collect()
+}
+
+/// Every non-revoked device as the policy engine needs it, from three bulk reads (no
+/// per-device query, no per-(device, app) evaluation): user, groups, disabled, risk, last
+/// MFA and, when it has a posture report, one [`PostureVerdict`] per requirement the
+/// policy uses ([`postern_policy::verdict`] at `now`). The facts themselves stay here. A
+/// stored report that no longer parses counts as no report (its requirements fail), with
+/// a warning. Sorted by device id.
+pub fn policy_subjects(
+    conn: &Connection,
+    set: &PolicySet,
+    now: Timestamp,
+) -> Result<Vec<PolicySubject>, PolicyStoreError> {
+    let requirements = used_requirements(set);
+    let mut groups: HashMap<String, Vec<String>> = HashMap::new();
+    {
+        let mut stmt = conn.prepare("SELECT user, grp FROM group_members ORDER BY user, grp")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        for row in rows {
+            let (user, grp) = row?;
+            groups.entry(user).or_default().push(grp);
         }
     }
+    let mut reports: HashMap<String, (String, i64)> = HashMap::new();
+    if !requirements.is_empty() {
+        let mut stmt = conn.prepare("SELECT device_id, facts, expires_at FROM posture_reports")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                (r.get::<_, String>(1)?, r.get::<_, i64>(2)?),
+            ))
+        })?;
+        for row in rows {
+            let (id, report) = row?;
+            reports.insert(id, report);
+        }
+    }
+    let mut stmt = conn.prepare(
+        "SELECT d.id, d.user, d.last_mfa, d.risk, COALESCE(u.disabled, 0)
+         FROM devices d LEFT JOIN users u ON u.name = d.user
+         WHERE d.revoked = 0 ORDER BY d.id",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, Option<i64>>(2)?,
+            r.get::<_, i64>(3)?,
+            r.get::<_, bool>(4)?,
+        ))
+    })?;
+    let mut subjects = Vec::new();
+    for row in rows {
+        let (id, user, last_mfa, risk, disabled) = row?;
+        let posture = reports.remove(&id).and_then(|(raw, expires_at)| {
+            match PostureReport::parse(raw.as_bytes()) {
+                Ok(report) => {
+                    let facts = report.to_facts(ts(u64::try_from(expires_at).unwrap_or(0)));
+                    Some(
+                        requirements
+                            .iter()
+                            .map(|req| {
+                                let v = postern_policy::verdict(req, &facts, now);
+                                let verdict = PostureVerdict {
+                                    passed: v.passed,
+                                    expires: unix_secs(v.expires),
+                                };
+                                (req.name.clone(), verdict)
+                            })
+                            .collect(),
+                    )
+                }
+                Err(e) => {
+                    tracing::warn!(device = %id, error = %e, "stored posture report does not parse: its posture requirements fail");
+                    None
+                }
+            }
+        });
+        subjects.push(PolicySubject {
+            groups: groups.get(&user).cloned().unwrap_or_default(),
+            device: id,
+            user,
+            disabled,
+            risk: risk_score(risk),
+            last_mfa: last_mfa.and_then(|s| u64::try_from(s).ok()),
+            posture,
+        });
+    }
+    Ok(subjects)
+}
+
+/// The stored risk score as the engine takes it (clamped to 0..=100).
+fn risk_score(risk: i64) -> u8 {
+    u8::try_from(risk.clamp(0, 100)).unwrap_or(100)
 }
 
 impl Registry {
@@ -616,40 +718,5 @@ impl Registry {
         now: Timestamp,
     ) -> Result<Option<Vec<AccessRecord>>, PolicyStoreError> {
         access_records(&self.conn, now)
-    }
-}
-
-/// Watches the computed access set between registry writes (the sync server calls
-/// [`AccessWatch::check`] every [`ACCESS_RECHECK`]): when time alone changes it (a window
-/// opens, MFA ages out, a report expires), the revision is bumped so gateways fetch a new
-/// snapshot without an admin write.
-#[derive(Debug, Default)]
-pub struct AccessWatch {
-    last: Option<Option<Vec<AccessRecord>>>,
-}
-
-/// How often the sync server re-evaluates the access set.
-pub const ACCESS_RECHECK: std::time::Duration = std::time::Duration::from_secs(2);
-
-impl AccessWatch {
-    /// Computes the access set at `now`; when it differs from the previous check's, bumps
-    /// the revision (a registry write between the two checks has bumped it already; the
-    /// extra bump only costs gateways one more fetch, and comparing against the previous
-    /// check rather than against what was served leaves no window in which a change is
-    /// missed). Returns whether it bumped.
-    pub fn check(
-        &mut self,
-        registry: &mut Registry,
-        now: Timestamp,
-    ) -> Result<bool, PolicyStoreError> {
-        let current = access_records(&registry.conn, now)?;
-        let changed = self.last.as_ref().is_some_and(|last| *last != current);
-        if changed {
-            let tx = registry.write_tx()?;
-            bump(&tx)?;
-            tx.commit()?;
-        }
-        self.last = Some(current);
-        Ok(changed)
     }
 }

@@ -494,18 +494,20 @@ impl Registry {
         };
         let mut grants = list_grants(&tx)?;
         grants.retain(|g| !disabled.contains(&g.user));
-        let (access, denials) = match crate::policy_store::snapshot_policy(&tx)? {
-            Some((access, denials)) => (Some(access), Some(denials)),
-            None => (None, None),
-        };
+        let policy = crate::policy_store::snapshot_policy(&tx)?;
+        let kills = crate::sessions::snapshot_kills(&tx, unix_secs_now())?;
         tx.finish()?;
         Ok(Snapshot {
             revision,
             devices,
             apps,
             grants,
-            access,
-            denials,
+            access: policy.access,
+            denials: policy.denials,
+            // Absent when there are none, so a registry without kills sends what it did.
+            kills: (!kills.is_empty()).then_some(kills),
+            policy: policy.policy,
+            subjects: policy.subjects,
         })
     }
 
@@ -537,6 +539,13 @@ fn open_err(path: &Path, e: rusqlite::Error) -> RegistryError {
             source: Box::new(e),
         }
     }
+}
+
+/// The wall clock in unix seconds (0 if it reads before 1970).
+fn unix_secs_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn read_revision(conn: &Connection) -> Result<u64, RegistryError> {

@@ -118,6 +118,56 @@ const MIGRATIONS: &[&str] = &[
         detail  TEXT NOT NULL DEFAULT '{}'
     );
     "#,
+    // 4: live enforcement (issue 4): registered gateways and their one-time tokens, the
+    // live sessions each connected gateway reports, and admin session kills.
+    r#"
+    CREATE TABLE gateways (
+        name         TEXT PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 64),
+        -- SHA-256 (hex) of the one-time token's secret (kept after use, so a reused token is
+        -- told apart from an unknown one; replaced by `gateway add --reissue`).
+        token_hash   TEXT UNIQUE CHECK (token_hash IS NULL OR length(token_hash) = 64),
+        token_expires INTEGER,
+        -- SHA-256 (hex) of the gateway's TLS client certificate's SubjectPublicKeyInfo;
+        -- NULL until the gateway registers with its token.
+        key_sha256   TEXT UNIQUE CHECK (key_sha256 IS NULL OR length(key_sha256) = 64),
+        registered_at INTEGER,
+        removed      INTEGER NOT NULL DEFAULT 0 CHECK (removed IN (0, 1)),
+        -- Last time the controller heard from it (unix ms) and the revision it holds.
+        last_seen_ms INTEGER,
+        last_revision INTEGER,
+        -- When its current control channel connected (unix ms); NULL when none is open.
+        connected_ms INTEGER,
+        created_at   TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))
+    );
+
+    -- Live sessions as each gateway last reported them (replaced per gateway per report;
+    -- not registry data: writing them never bumps the revision).
+    CREATE TABLE live_sessions (
+        gateway      TEXT NOT NULL CHECK (length(gateway) BETWEEN 1 AND 64),
+        session      INTEGER NOT NULL CHECK (session BETWEEN 1 AND 16777215),
+        device       TEXT NOT NULL,
+        device_name  TEXT NOT NULL,
+        user         TEXT NOT NULL,
+        app          TEXT NOT NULL,
+        source       TEXT NOT NULL,
+        mode         TEXT NOT NULL,
+        opened_at_ms INTEGER NOT NULL,
+        renewed_at_ms INTEGER NOT NULL,
+        expires_at_ms INTEGER NOT NULL,
+        reported_at_ms INTEGER NOT NULL,
+        PRIMARY KEY (gateway, session)
+    );
+
+    -- `session kill`: the gateway named closes that session when it sees the row in a
+    -- snapshot (`Snapshot::kills`, rows younger than a day).
+    CREATE TABLE session_kills (
+        gateway   TEXT NOT NULL CHECK (length(gateway) BETWEEN 1 AND 64),
+        session   INTEGER NOT NULL CHECK (session BETWEEN 1 AND 16777215),
+        killed_at INTEGER NOT NULL,
+        actor     TEXT NOT NULL,
+        PRIMARY KEY (gateway, session, killed_at)
+    );
+    "#,
 ];
 
 /// The schema version this binary writes and understands.

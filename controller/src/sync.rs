@@ -6,12 +6,14 @@
 //! holds the request until the revision changes or the hold time (10 s) passes, then
 //! answers with the current snapshot (a heartbeat). A malformed or over-long request line
 //! is answered with `{"error": "..."}` and the connection is closed.
+//! A connection whose first line is a stream-protocol message (`{"hello": …}`,
+//! docs/control-channel.md) is handed to `gateway_channel`, which serves it like a TLS
+//! gateway (the name is `hello.name`, default `local`).
 //!
 //! Owns: the socket file (created 0600 without a permission race, stale file removed only
 //! if nothing listens on it, removed again on a clean stop), the revision watcher thread
-//! and one thread per connection, and the periodic re-evaluation of the policy's access set
-//! (`policy_store::AccessWatch`: its only write is a revision bump when time alone changed
-//! what the policy allows). Must not touch: registry rows (read-only via `Registry`)
+//! and one thread per connection. (Time alone needs no revision bump: gateways evaluate
+//! the policy themselves, docs/policy.md.) Must not touch: registry rows (read-only via `Registry`)
 //! or signal registration (the binary passes in a stop flag).
 
 use std::fs::{self, DirBuilder, Permissions};
@@ -29,9 +31,10 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use crate::admin::{AdminServer, AdminServerConfig};
-use crate::policy_store::{AccessWatch, ACCESS_RECHECK};
+use crate::gateway_channel::{self, ChannelConfig, ChannelStartError, GatewayChannel, UnixHandoff};
 use crate::proto::snapshot::Snapshot;
 use crate::registry::{Registry, RegistryError};
+use postern_protocol::control::{ChannelError, ControllerMessage, GatewayMessage};
 
 /// Default time a request is held when nothing changes.
 pub const DEFAULT_HOLD: Duration = Duration::from_secs(10);
@@ -56,6 +59,12 @@ pub struct ServeConfig {
     pub hold: Duration,
     /// The admin socket (see `admin`); `None` serves gateways only.
     pub admin_socket: Option<PathBuf>,
+    /// `--gateway-listen`: the TLS control channel for remote gateways.
+    pub gateway_listen: Option<std::net::SocketAddr>,
+    /// The API identity's directory (the TLS channel's certificate).
+    pub api_dir: PathBuf,
+    /// A stream gateway silent this long is dropped (`gateway_channel::READ_SILENCE`).
+    pub gateway_read_silence: Duration,
 }
 
 /// Why the server could not start or had to stop.
@@ -69,6 +78,8 @@ pub enum SyncError {
     NotASocket(PathBuf),
     #[error("socket {}: {source}", path.display())]
     Socket { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Channel(#[from] ChannelStartError),
 }
 
 /// A gateway request line.
@@ -99,19 +110,30 @@ pub enum SyncResponse {
     Error(String),
 }
 
-/// Latest revision seen by the watcher; connection threads wait on it.
-#[derive(Debug, Default)]
+/// Latest revision seen by the watcher; connection threads wait on it, and the gateway
+/// channel's tasks (`gateway_channel`) follow it through `notify`.
+#[derive(Debug)]
 struct Watch {
     state: Mutex<u64>,
     changed: Condvar,
+    notify: tokio::sync::watch::Sender<u64>,
 }
 
 impl Watch {
+    fn new(rev: u64) -> Self {
+        Watch {
+            state: Mutex::new(rev),
+            changed: Condvar::new(),
+            notify: tokio::sync::watch::Sender::new(rev),
+        }
+    }
+
     fn publish(&self, rev: u64) {
         let mut cur = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if *cur != rev {
             *cur = rev;
             self.changed.notify_all();
+            self.notify.send_replace(rev);
         }
     }
 
@@ -160,11 +182,29 @@ impl Drop for BoundSocket {
 pub fn serve(cfg: &ServeConfig, stop: Arc<AtomicBool>) -> Result<(), SyncError> {
     // Open (and migrate) once up front so a bad --db fails before the socket appears.
     let registry = Registry::open(&cfg.db)?;
-    let watch = Arc::new(Watch::default());
-    watch.publish(registry.revision()?);
-    // The admin socket first: once the gateway socket answers, both are up.
+    let watch = Arc::new(Watch::new(registry.revision()?));
+    // The gateway channel and the admin socket first: once the gateway socket answers,
+    // all are up.
+    let channel = GatewayChannel::start(
+        &ChannelConfig {
+            db: cfg.db.clone(),
+            listen: cfg.gateway_listen,
+            api_dir: cfg.api_dir.clone(),
+            read_silence: cfg.gateway_read_silence,
+        },
+        watch.notify.subscribe(),
+        Arc::clone(&stop),
+    )?;
+    let handoff = channel.unix_handoff();
     let admin = match &cfg.admin_socket {
-        Some(path) => Some(spawn_admin(cfg, path, &watch, &stop)?),
+        Some(path) => match spawn_admin(cfg, path, &watch, &stop) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                stop.store(true, Ordering::Relaxed);
+                channel.join();
+                return Err(e);
+            }
+        },
         None => None,
     };
     let bound = match bind(&cfg.socket) {
@@ -174,6 +214,7 @@ pub fn serve(cfg: &ServeConfig, stop: Arc<AtomicBool>) -> Result<(), SyncError> 
             if let Some(admin) = admin {
                 let _ = admin.join();
             }
+            channel.join();
             return Err(e);
         }
     };
@@ -211,13 +252,11 @@ pub fn serve(cfg: &ServeConfig, stop: Arc<AtomicBool>) -> Result<(), SyncError> 
                     hold: cfg.hold,
                     watch: Arc::clone(&watch),
                     stop: Arc::clone(&stop),
+                    channel: handoff.clone(),
                 };
                 let spawned = thread::Builder::new()
                     .name("sync-conn".into())
-                    .spawn(move || {
-                        let _guard = guard;
-                        handle_connection(stream, &ctx);
-                    });
+                    .spawn(move || handle_connection(stream, &ctx, guard));
                 if let Err(e) = spawned {
                     warn!(error = %e, "could not spawn connection thread");
                 }
@@ -238,6 +277,8 @@ pub fn serve(cfg: &ServeConfig, stop: Arc<AtomicBool>) -> Result<(), SyncError> 
     if let Some(admin) = admin {
         let _ = admin.join();
     }
+    drop(handoff);
+    channel.join();
     Ok(())
 }
 
@@ -341,21 +382,9 @@ pub(crate) fn bind(path: &Path) -> Result<BoundSocket, SyncError> {
     result.map_err(sock_err)
 }
 
-fn watch_revision(mut registry: Registry, watch: &Watch, stop: &AtomicBool) {
+fn watch_revision(registry: Registry, watch: &Watch, stop: &AtomicBool) {
     let mut failing = false;
-    // Time alone can change what the policy allows (docs/policy.md): re-evaluate the
-    // access set every ACCESS_RECHECK and bump the revision when it changed.
-    let mut access = AccessWatch::default();
-    let mut next_access_check = Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        if Instant::now() >= next_access_check {
-            next_access_check = Instant::now() + ACCESS_RECHECK;
-            match access.check(&mut registry, jiff::Timestamp::now()) {
-                Ok(true) => info!("access set changed with time: revision bumped"),
-                Ok(false) => {}
-                Err(e) => warn!(error = %e, "cannot re-evaluate the access policy"),
-            }
-        }
         match registry.revision() {
             Ok(rev) => {
                 if failing {
@@ -371,8 +400,30 @@ fn watch_revision(mut registry: Registry, watch: &Watch, stop: &AtomicBool) {
                 }
             }
         }
-        thread::sleep(POLL_INTERVAL);
+        let woken = WATCHER_WAKE
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (mut woken, _) = WATCHER_WAKE
+            .1
+            .wait_timeout_while(woken, POLL_INTERVAL, |w| !*w)
+            .unwrap_or_else(PoisonError::into_inner);
+        *woken = false;
     }
+}
+
+/// Set by [`wake_revision_watcher`]; the revision watcher waits on it between polls.
+static WATCHER_WAKE: (Mutex<bool>, Condvar) = (Mutex::new(false), Condvar::new());
+
+/// Makes the revision watcher read the revision now rather than at its next poll (up to
+/// [`POLL_INTERVAL`] later): called by writers in this process that are not admin
+/// commands (the client API's enrollment, MFA and posture writes).
+pub fn wake_revision_watcher() {
+    *WATCHER_WAKE
+        .0
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner) = true;
+    WATCHER_WAKE.1.notify_all();
 }
 
 #[derive(Debug)]
@@ -381,6 +432,8 @@ struct ConnCtx {
     hold: Duration,
     watch: Arc<Watch>,
     stop: Arc<AtomicBool>,
+    /// Where a connection that starts with `hello` goes (the stream protocol).
+    channel: UnixHandoff,
 }
 
 enum Line {
@@ -419,22 +472,25 @@ fn write_response(stream: &mut impl Write, resp: &SyncResponse) -> io::Result<()
     stream.flush()
 }
 
-fn handle_connection(stream: UnixStream, ctx: &ConnCtx) {
+fn handle_connection(stream: UnixStream, ctx: &ConnCtx, guard: ActiveGuard) {
     debug!("sync connection opened");
-    match serve_connection(stream, ctx) {
+    match serve_connection(stream, ctx, guard) {
         Ok(()) => debug!("sync connection closed"),
         Err(e) => debug!(error = %e, "sync connection ended"),
     }
 }
 
-fn serve_connection(stream: UnixStream, ctx: &ConnCtx) -> io::Result<()> {
+fn serve_connection(stream: UnixStream, ctx: &ConnCtx, guard: ActiveGuard) -> io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(IDLE_TIMEOUT))?;
     stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
     let mut registry: Option<Registry> = None;
+    let mut guard = Some(guard);
+    let mut first = true;
     loop {
+        let is_first = std::mem::replace(&mut first, false);
         let request = match read_line(&mut reader)? {
             Line::Eof => return Ok(()),
             Line::TooLong => {
@@ -450,6 +506,25 @@ fn serve_connection(stream: UnixStream, ctx: &ConnCtx) -> io::Result<()> {
                     &mut reader,
                     "request line not terminated by a newline",
                 )
+            }
+            // The stream protocol (docs/control-channel.md): served by the gateway channel.
+            Line::Request(bytes) if is_first && is_stream_protocol(&bytes) => {
+                let hello = match gateway_channel::parse_line(&bytes) {
+                    Ok(GatewayMessage::Hello(h)) => h,
+                    Ok(_) => {
+                        return refuse_stream(
+                            &mut writer,
+                            &mut reader,
+                            "the first line must be hello (enroll is for the TLS channel)",
+                        )
+                    }
+                    Err(e) => return refuse_stream(&mut writer, &mut reader, &e),
+                };
+                let buffered = reader.buffer().to_vec();
+                drop(writer);
+                ctx.channel
+                    .serve(reader.into_inner(), buffered, hello, guard.take());
+                return Ok(());
             }
             Line::Request(bytes) => match SyncRequest::parse(&bytes) {
                 Ok(r) => r,
@@ -492,11 +567,38 @@ fn serve_connection(stream: UnixStream, ctx: &ConnCtx) -> io::Result<()> {
     }
 }
 
+/// True when the line is a stream-protocol message (`{"hello":…}` and the like) rather
+/// than a long-poll request.
+fn is_stream_protocol(line: &[u8]) -> bool {
+    match serde_json::from_slice::<serde_json::Value>(line) {
+        Ok(serde_json::Value::Object(map)) => map
+            .keys()
+            .any(|k| matches!(k.as_str(), "hello" | "enroll" | "sessions")),
+        _ => false,
+    }
+}
+
+/// Refuses a stream-protocol first line with the stream's error message and closes.
+fn refuse_stream(writer: &mut UnixStream, reader: &mut impl Read, msg: &str) -> io::Result<()> {
+    let error = ControllerMessage::Error(ChannelError {
+        code: "bad_request".to_owned(),
+        message: msg.to_owned(),
+    });
+    let mut line = serde_json::to_vec(&error).map_err(io::Error::other)?;
+    line.push(b'\n');
+    writer.write_all(&line)?;
+    close_after_refusal(writer, reader)
+}
+
 /// Sends `{"error": msg}` and ends the connection. Unread input is drained (bounded) before
 /// closing: closing a socket with unread data resets it, and the peer could lose the error.
 fn refuse(writer: &mut UnixStream, reader: &mut impl Read, msg: &str) -> io::Result<()> {
     debug!(reason = msg, "refusing request");
     write_response(writer, &SyncResponse::Error(msg.to_owned()))?;
+    close_after_refusal(writer, reader)
+}
+
+fn close_after_refusal(writer: &mut UnixStream, reader: &mut impl Read) -> io::Result<()> {
     writer.shutdown(Shutdown::Write)?;
     writer.set_read_timeout(Some(Duration::from_millis(200)))?;
     let _ = io::copy(&mut reader.take(DRAIN_LIMIT), &mut io::sink());
@@ -539,6 +641,9 @@ mod tests {
             grants: vec![],
             access: None,
             denials: None,
+            kills: None,
+            policy: None,
+            subjects: None,
         });
         let j = serde_json::to_string(&s).unwrap();
         assert!(j.starts_with(r#"{"snapshot":{"revision":3"#), "{j}");

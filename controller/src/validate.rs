@@ -20,6 +20,8 @@ pub enum Field {
     /// A user named as the command's argument (`user add NAME`).
     UserName,
     GroupName,
+    /// A gateway name (`gateway add NAME`, `hello.name`).
+    GatewayName,
 }
 
 impl Field {
@@ -30,6 +32,7 @@ impl Field {
             Field::User => "--user",
             Field::UserName => "user name",
             Field::GroupName => "group name",
+            Field::GatewayName => "gateway name",
         }
     }
     fn rule(self) -> &'static str {
@@ -40,6 +43,7 @@ impl Field {
             Field::DeviceName => "use 1-64 characters from A-Z a-z 0-9 . _ -",
             Field::User | Field::UserName => "use 1-128 characters from A-Z a-z 0-9 . _ - @ +",
             Field::GroupName => "use 1-128 characters from A-Z a-z 0-9 . _ -",
+            Field::GatewayName => "use 1-64 characters from A-Z a-z 0-9 . _ -",
         }
     }
 }
@@ -99,6 +103,13 @@ pub fn user_name(value: &str) -> Result<(), InvalidName> {
 /// `[A-Za-z0-9._-]{1,128}`.
 pub fn group_name(value: &str) -> Result<(), InvalidName> {
     check(Field::GroupName, value, MAX_USER_LEN, |b| {
+        b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')
+    })
+}
+
+/// `[A-Za-z0-9._-]{1,64}` (no `:`: `session kill GATEWAY:ID` splits on it).
+pub fn gateway_name(value: &str) -> Result<(), InvalidName> {
+    check(Field::GatewayName, value, MAX_DEVICE_NAME_LEN, |b| {
         b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')
     })
 }

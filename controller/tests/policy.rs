@@ -1,7 +1,8 @@
 //! Policy and posture in the controller (`policy_store`, `policy ...` and
 //! `device posture` commands) against real SQLite files: storing reports, applying
-//! policies (dry run, unknown apps, warnings, unchanged), the snapshot's access records
-//! and their `until`, the periodic re-evaluation, and the CLI through the real binary.
+//! policies (dry run, unknown apps, warnings, unchanged), the access records (source
+//! unknown) and their `until`, the snapshot's policy and subjects (local decisions:
+//! verdicts with their expiry, never raw facts), and the CLI through the real binary.
 //!
 //! Owns: tests only. Must not touch: files outside the per-test tempdir.
 #![allow(clippy::unwrap_used)]
@@ -11,9 +12,9 @@ mod common;
 use std::path::Path;
 
 use common::{fails, key, ok, spawn_serve, tempdir, Client};
-use postern_controller::policy_store::{AccessWatch, PolicyStoreError};
+use postern_controller::policy_store::PolicyStoreError;
 use postern_controller::proto::keys::DevicePublicKey;
-use postern_controller::proto::snapshot::{AccessRecord, AppProtocol};
+use postern_controller::proto::snapshot::{AccessRecord, AppProtocol, PostureVerdict};
 use postern_controller::registry::Registry;
 use postern_policy::Timestamp;
 
@@ -238,7 +239,8 @@ fn snapshot_access_follows_policy_posture_mfa_and_time() {
     // alice proved MFA 30 minutes ago: ssh until 30 minutes from now (+1 s).
     set_last_mfa(&db, &good, now - 1800);
     reg.apply_policy(POLICY, now).unwrap();
-    let access = reg.snapshot().unwrap().access.unwrap();
+    let ts = |s: u64| Timestamp::from_second(i64::try_from(s).unwrap()).unwrap();
+    let access = reg.access_records(ts(now)).unwrap().unwrap();
     let want = |device: &str, app: &str, until: u64| AccessRecord {
         device: device.to_owned(),
         app: app.to_owned(),
@@ -252,21 +254,108 @@ fn snapshot_access_follows_policy_posture_mfa_and_time() {
     // bad: disk encryption off -> no web; no MFA -> no ssh; db needs a source network.
     assert_eq!(access, expected);
 
-    // Time alone changes the set: at report expiry web goes, and AccessWatch bumps.
-    let mut watch = AccessWatch::default();
-    let ts = |s: u64| Timestamp::from_second(i64::try_from(s).unwrap()).unwrap();
-    assert!(!watch.check(&mut reg, ts(now + 10)).unwrap());
-    let rev = reg.revision().unwrap();
-    assert!(!watch.check(&mut reg, ts(now + 20)).unwrap());
-    assert_eq!(reg.revision().unwrap(), rev);
-    assert!(watch.check(&mut reg, ts(now + 600)).unwrap());
-    assert_eq!(reg.revision().unwrap(), rev + 1);
+    // Time alone changes the set: at report expiry web goes.
     let later = reg.access_records(ts(now + 600)).unwrap().unwrap();
     assert_eq!(later, vec![want(&good, "ssh", now + 1801)]);
 
-    // A revoked device gets no record; a policy that grants nothing is still policy mode.
+    // A revoked device gets no record.
     reg.revoke_device("good").unwrap();
-    assert_eq!(reg.snapshot().unwrap().access, Some(vec![]));
+    assert_eq!(reg.access_records(ts(now)).unwrap(), Some(vec![]));
+}
+
+#[test]
+fn snapshot_carries_the_policy_and_verdicts_with_their_expiry_never_facts() {
+    let (_dir, db) = tempdir();
+    let (mut reg, good, bad) = setup(&db);
+    // No policy: legacy mode, nothing policy-related in the snapshot.
+    let legacy = reg.snapshot().unwrap();
+    assert_eq!(
+        (legacy.access, legacy.policy, legacy.subjects),
+        (None, None, None)
+    );
+    let now = now_secs();
+    // Packages updated 13 days ago, 14 allowed: that verdict expires in 1 day (+1 s),
+    // before the report (in 2 days); the disk verdict lasts as long as the report.
+    let updated = Timestamp::from_second(i64::try_from(now - 13 * 86_400).unwrap()).unwrap();
+    let facts = format!(
+        r#"{{"collected_at":"{}","os_family":"linux","os_version":"24.04","kernel":"6.8.0-secret-build","last_package_update":"{updated}","disk_encrypted":true,"processes":["sshd","secret-agent"],"custom":{{"corp-ca":true}}}}"#,
+        Timestamp::now()
+    );
+    reg.store_posture_report(&good, &facts, now, now + 2 * 86_400)
+        .unwrap();
+    reg.store_posture_report(&bad, &report(false), now, now + 600)
+        .unwrap();
+    set_last_mfa(&db, &good, now - 1800);
+    reg.set_device_risk("bad", 55).unwrap();
+    let policy = format!(
+        "{POLICY}\n[[requirement]]\nname = \"patched\"\nmax_days_since_update = 14\nremediation = \"apt full-upgrade\"\n\n[[requirement]]\nname = \"unused\"\nfirewall = true\nremediation = \"ufw enable\"\n\n[[rule]]\nname = \"web-patched\"\neffect = \"allow\"\napps = [\"web\"]\nusers = [\"alice\"]\nposture = [\"patched\"]\n"
+    );
+    let applied = reg.apply_policy(&policy, now).unwrap();
+    let snap = reg.snapshot().unwrap();
+    // Older gateways see policy mode with nothing allowed (fail closed); no hints.
+    assert_eq!(snap.access, Some(vec![]));
+    assert_eq!(snap.denials, None);
+    let text = snap.policy.clone().unwrap();
+    assert_eq!(
+        (text.text.as_str(), text.sha256.as_str()),
+        (policy.as_str(), applied.sha256.as_str())
+    );
+    let subjects = snap.subjects.clone().unwrap();
+    assert_eq!(subjects.len(), 2);
+    let g = subjects.iter().find(|s| s.device == good).unwrap();
+    assert_eq!(
+        (g.user.as_str(), g.groups.clone(), g.risk),
+        ("alice", vec!["eng".to_owned()], 0)
+    );
+    assert_eq!(g.last_mfa, Some(now - 1800));
+    assert!(!g.disabled);
+    let verdicts = g.posture.clone().unwrap();
+    // Only requirements some rule uses travel ("unused" does not).
+    assert_eq!(verdicts.keys().collect::<Vec<_>>(), ["disk", "patched"]);
+    assert_eq!(
+        verdicts["disk"],
+        PostureVerdict {
+            passed: true,
+            expires: now + 2 * 86_400
+        }
+    );
+    let patched = verdicts["patched"];
+    assert!(patched.passed);
+    let collected = now; // the update age counts from `last_package_update`
+    assert_eq!(patched.expires, collected - 13 * 86_400 + 14 * 86_400 + 1);
+    let b = subjects.iter().find(|s| s.device == bad).unwrap();
+    assert_eq!((b.risk, b.last_mfa), (55, None));
+    assert_eq!(
+        b.posture.clone().unwrap()["disk"],
+        PostureVerdict {
+            passed: false,
+            expires: now + 600
+        }
+    );
+    // No raw fact leaves the controller: not the kernel, versions, processes or checks.
+    let json = serde_json::to_string(&snap.subjects).unwrap();
+    for fact in [
+        "6.8.0",
+        "secret",
+        "24.04",
+        "sshd",
+        "corp-ca",
+        "linux",
+        "disk_encrypted",
+    ] {
+        assert!(!json.contains(fact), "{fact} leaked: {json}");
+    }
+    // Compact: bytes per subject.
+    assert!(
+        json.len() / subjects.len() < 250,
+        "{} bytes per subject",
+        json.len() / subjects.len()
+    );
+    // A device without a report carries no posture (its requirements fail); a revoked
+    // one carries no subject; a disabled user's device says so.
+    reg.revoke_device("bad").unwrap();
+    let subjects = reg.snapshot().unwrap().subjects.unwrap();
+    assert_eq!(subjects.len(), 1);
 }
 
 /// Asserts a failure with exit `code` and exactly one stderr line containing `needle`.
@@ -442,48 +531,31 @@ fn cli_apply_dry_run_show_explain_and_posture() {
     assert!(ok(&db, &["policy", "show"]).contains("db-office"));
 }
 
-/// The running sync server re-evaluates the policy by itself: when a posture report
-/// expires, a gateway waiting on the current revision gets a new snapshot without the
-/// record, with no admin write in between.
+/// The running sync server sends the policy and the verdicts: a gateway decides from
+/// them itself (a verdict that expires needs no new snapshot).
 #[test]
-fn serve_bumps_the_revision_when_a_report_expires() {
+fn serve_sends_the_policy_and_verdicts() {
     let (dir, db) = tempdir();
     let (mut reg, good, _) = setup(&db);
     let now = now_secs();
-    // Expires 3 s from now (whole seconds: 2-3 s of validity).
     reg.store_posture_report(&good, &report(true), now, now + 3)
         .unwrap();
-    reg.apply_policy(POLICY, now).unwrap();
+    let applied = reg.apply_policy(POLICY, now).unwrap();
     drop(reg);
     let socket = dir.path().join("ctl.sock");
     let mut child = spawn_serve(&db, &socket, 10_000);
     let mut client = Client::connect(&socket);
     let first = client.sync(0);
-    let access = first.access.clone().unwrap();
-    assert!(
-        access
-            .iter()
-            .any(|r| r.device == good && r.app == "web" && r.until == Some(now + 3)),
-        "{access:?}"
+    assert_eq!(first.policy.as_ref().unwrap().sha256, applied.sha256);
+    let subjects = first.subjects.clone().unwrap();
+    let g = subjects.iter().find(|s| s.device == good).unwrap();
+    assert_eq!(
+        g.posture.as_ref().unwrap()["disk"],
+        PostureVerdict {
+            passed: true,
+            expires: now + 3
+        }
     );
-    // Long-poll on the current revision: the answer must be a newer revision without the
-    // web record, within the expiry + one re-check interval (+ margin).
-    let started = std::time::Instant::now();
-    let mut latest = first;
-    while latest
-        .access
-        .as_ref()
-        .unwrap()
-        .iter()
-        .any(|r| r.app == "web")
-    {
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(12),
-            "no snapshot without the expired record: {latest:?}"
-        );
-        latest = client.sync(latest.revision);
-    }
-    assert!(started.elapsed() < std::time::Duration::from_secs(12));
     child.kill().unwrap();
     child.wait().unwrap();
 }
@@ -500,46 +572,4 @@ fn help_texts_have_examples() {
         let out = ok(&db, args);
         assert!(out.contains("Example"), "{args:?}: {out}");
     }
-}
-
-/// `Snapshot::denials`: a hint only for pairs the device can fix (posture requirement with
-/// its remediation, MFA too old), none for "no rule" or source-network rules.
-#[test]
-fn snapshot_denials_name_the_failing_requirement_and_mfa_age() {
-    use postern_controller::proto::snapshot::DenialHint;
-    let (_dir, db) = tempdir();
-    let (mut reg, good, bad) = setup(&db);
-    assert_eq!(
-        reg.snapshot().unwrap().denials,
-        None,
-        "legacy mode: no hints"
-    );
-    let now = now_secs();
-    reg.store_posture_report(&good, &report(true), now, now + 600)
-        .unwrap();
-    reg.store_posture_report(&bad, &report(false), now, now + 600)
-        .unwrap();
-    // alice proved MFA 2 hours ago: older than ssh's mfa_max_age of 1 h.
-    set_last_mfa(&db, &good, now - 7200);
-    reg.apply_policy(POLICY, now).unwrap();
-    let denials = reg.snapshot().unwrap().denials.unwrap();
-    let mut expected = vec![
-        DenialHint {
-            device: bad.clone(),
-            app: "web".into(),
-            reason: "posture_failed".into(),
-            requirement: Some("disk".into()),
-            remediation: Some("Turn on full-disk encryption (LUKS, FileVault or BitLocker)".into()),
-        },
-        DenialHint {
-            device: good.clone(),
-            app: "ssh".into(),
-            reason: "mfa_too_old".into(),
-            requirement: None,
-            remediation: Some("run `postern login`".into()),
-        },
-    ];
-    expected.sort();
-    // bob has no ssh rule and db needs a source network: nothing the device can fix.
-    assert_eq!(denials, expected);
 }

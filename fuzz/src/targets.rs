@@ -28,7 +28,7 @@ use postern_protocol::snapshot::Snapshot;
 pub type Target = fn(&[u8]);
 
 /// Every target by name, as `cargo fuzz` and `fuzz/corpus/<name>/` know it.
-pub const TARGETS: [(&str, Target); 9] = [
+pub const TARGETS: [(&str, Target); 10] = [
     ("spa_open", spa_open),
     ("capture_ip", capture_ip),
     ("gateway_config", gateway_config),
@@ -38,6 +38,7 @@ pub const TARGETS: [(&str, Target); 9] = [
     ("api_auth", api_auth),
     ("posture_report", posture_report),
     ("reply_open", reply_open),
+    ("control_messages", control_messages),
 ];
 
 /// The SPA port sniff mode looks for in `capture_ip`.
@@ -392,4 +393,51 @@ pub fn reply_open(data: &[u8]) {
     let again = reply::seal_reply(gateway, binding, &opened, ReplyRandomness { salt })
         .unwrap_or_else(|e| panic!("an opened reply does not re-seal: {e}"));
     assert_eq!(again, data, "reply encoding is not canonical");
+}
+
+/// Both directions of the control channel (docs/control-channel.md): whatever parses
+/// round-trips, and a parsed delta applied to a fixed base either fails cleanly or yields
+/// a snapshot whose digest is the delta's.
+pub fn control_messages(data: &[u8]) {
+    use postern_protocol::control::{ControllerMessage, GatewayMessage};
+    use postern_protocol::delta;
+    if let Ok(msg) = serde_json::from_slice::<GatewayMessage>(data) {
+        let again = serde_json::to_vec(&msg).expect("a parsed gateway message serializes");
+        let back: GatewayMessage = serde_json::from_slice(&again).expect("round trip parses");
+        assert_eq!(back, msg);
+    }
+    let delta = match serde_json::from_slice::<ControllerMessage>(data) {
+        Ok(ControllerMessage::Delta(d)) => d,
+        Ok(ControllerMessage::Snapshot(s)) => {
+            index(&s);
+            return;
+        }
+        _ => match serde_json::from_slice::<delta::SnapshotDelta>(data) {
+            Ok(d) => d,
+            Err(_) => return,
+        },
+    };
+    let base = delta_base();
+    if let Ok(applied) = delta::apply(base, &delta) {
+        assert_eq!(applied.revision, delta.to);
+        assert_eq!(delta::digest(&applied), delta.digest);
+        index(&applied);
+    }
+}
+
+/// The base snapshot control_messages applies deltas to: the sync_messages seed snapshot
+/// shape at revision 1 with one device, one app, one grant.
+fn delta_base() -> &'static Snapshot {
+    static BASE: OnceLock<Snapshot> = OnceLock::new();
+    BASE.get_or_init(|| {
+        let key = DeviceSigningKey::from_seed([7u8; 32]).public_key();
+        serde_json::from_value(serde_json::json!({
+            "revision": 1,
+            "devices": [{"id": key.device_id().to_string(), "name": "laptop", "user": "alice",
+                         "public_key": key.to_text(), "revoked": false}],
+            "apps": [{"name": "ssh", "protocol": "tcp", "port": 22}],
+            "grants": [{"app": "ssh", "user": "alice"}]
+        }))
+        .expect("the fixed delta base is a valid snapshot")
+    })
 }

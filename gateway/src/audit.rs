@@ -71,6 +71,21 @@ impl AuditLog {
         if let (Decision::Close { session, .. }, Value::Object(map)) = (decision, &mut line) {
             map.insert("session".into(), json!(session.0));
         }
+        // A local policy denial says why (the failing rule and check; never sent to the
+        // device) and, when the device can fix it, the failing requirement.
+        if let (
+            Decision::Deny {
+                policy: Some(policy),
+                ..
+            },
+            Value::Object(map),
+        ) = (decision, &mut line)
+        {
+            map.insert("policy".into(), json!(policy.why));
+            if let Some(req) = policy.hint.as_ref().and_then(|h| h.requirement.as_ref()) {
+                map.insert("requirement".into(), json!(req));
+            }
+        }
         if let (Value::Object(map), Value::Object(extra)) = (&mut line, extra) {
             map.extend(extra);
         }

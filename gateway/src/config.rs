@@ -44,7 +44,12 @@ struct RawConfig {
     spa_port: u16,
     #[serde(default = "default_listen")]
     listen: IpAddr,
-    controller_socket: PathBuf,
+    #[serde(default)]
+    controller_socket: Option<PathBuf>,
+    #[serde(default)]
+    controller: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
     #[serde(default = "default_audit_log")]
     audit_log: String,
     #[serde(default = "default_max_skew_secs")]
@@ -53,6 +58,8 @@ struct RawConfig {
     pinhole_secs: u64,
     #[serde(default = "default_session_secs")]
     session_secs: u64,
+    #[serde(default)]
+    max_session_secs: Option<u64>,
     #[serde(default = "default_table")]
     table: String,
     #[serde(default)]
@@ -107,6 +114,8 @@ fn default_pinhole_secs() -> u64 {
 fn default_session_secs() -> u64 {
     3600
 }
+/// `max_session_secs` when not set (unless `session_secs` is longer).
+pub const DEFAULT_MAX_SESSION_SECS: u64 = 12 * 3600;
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/postern-gateway")
 }
@@ -142,6 +151,15 @@ pub enum AuditTarget {
     File(PathBuf),
 }
 
+/// How the gateway reaches its controller (exactly one of the two config fields).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControllerLink {
+    /// `controller_socket`: the controller's Unix socket on this host.
+    Socket(PathBuf),
+    /// `controller = "HOST:PORT"`: mutual TLS over TCP (needs `postern-gateway enroll`).
+    Tls(String),
+}
+
 /// A validated gateway configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -150,11 +168,18 @@ pub struct Config {
     pub interface: String,
     pub spa_port: u16,
     pub listen: IpAddr,
-    pub controller_socket: PathBuf,
+    pub controller: ControllerLink,
+    /// The name this gateway reports its sessions under on the local (Unix socket)
+    /// channel (docs/control-channel.md); `None`: `local`.
+    pub name: Option<String>,
     pub audit: AuditTarget,
     pub max_skew_ms: u64,
     pub pinhole_secs: u64,
+    /// Session length for legacy grants and for older controllers' access records
+    /// (a policy's lease and session mode decide otherwise).
     pub session_secs: u64,
+    /// No session outlives its opening by more than this, whatever renews it.
+    pub max_session_secs: u64,
     pub table: String,
     pub open_ports: Vec<(AppProto, u16)>,
     /// Where the replay journal lives (mode 0700).
@@ -246,6 +271,19 @@ impl Config {
                 ),
             ));
         }
+        // Default 12 h, or session_secs when that is longer (old configs stay valid).
+        let max_session_secs = raw
+            .max_session_secs
+            .unwrap_or(DEFAULT_MAX_SESSION_SECS.max(raw.session_secs));
+        if max_session_secs < raw.session_secs || max_session_secs > 30 * 86_400 {
+            return Err(field(
+                "max_session_secs",
+                format!(
+                    "{max_session_secs} is out of range: use session_secs ({})..=2592000 (default 43200)",
+                    raw.session_secs
+                ),
+            ));
+        }
         let table_ok = !raw.table.is_empty()
             && raw.table.len() <= 32
             && raw
@@ -319,17 +357,43 @@ impl Config {
             )? as u32,
         };
         check_key_file_mode(&raw.key_file).map_err(|m| field("key_file", m))?;
+        if let Some(name) = &raw.name {
+            check_gateway_name(name).map_err(|m| field("name", m))?;
+        }
+        let controller = match (raw.controller_socket, raw.controller) {
+            (Some(_), Some(_)) => return Err(field(
+                "controller",
+                "`controller_socket` and `controller` are both set: keep exactly one (`controller_socket` for a controller on this host, `controller = \"HOST:PORT\"` for TLS)".into(),
+            )),
+            (None, None) => return Err(field(
+                "controller_socket",
+                "no controller configured: set exactly one of `controller_socket = \"/var/lib/postern/registry.db.sock\"` (same host) or `controller = \"HOST:PORT\"` (TLS, after `postern-gateway enroll`)".into(),
+            )),
+            (Some(socket), None) => ControllerLink::Socket(socket),
+            (None, Some(address)) => {
+                check_controller_address(&address).map_err(|m| field("controller", m))?;
+                if raw.name.is_some() {
+                    return Err(field(
+                        "name",
+                        "is for `controller_socket` only: a TLS gateway reports under the name it was registered with (`postern-controller gateway add NAME`); remove `name`".into(),
+                    ));
+                }
+                ControllerLink::Tls(address)
+            }
+        };
         Ok(Config {
             key_file: raw.key_file,
             capture: raw.capture,
             interface: raw.interface,
             spa_port: raw.spa_port,
             listen: raw.listen,
-            controller_socket: raw.controller_socket,
+            controller,
+            name: raw.name,
             audit,
             max_skew_ms: raw.max_skew_secs * 1000,
             pinhole_secs: raw.pinhole_secs,
             session_secs: raw.session_secs,
+            max_session_secs,
             table: raw.table,
             open_ports,
             state_dir: raw.state_dir,
@@ -338,6 +402,55 @@ impl Config {
             forward_snat: raw.forward_snat,
         })
     }
+}
+
+impl Config {
+    /// The name this gateway's sessions are reported and killed under
+    /// (`postern-controller session list/kill`). Unix socket: the configured `name`, else
+    /// `local`. TLS: the registered name from `<state_dir>/control/controller.json`
+    /// (written by `postern-gateway enroll`); before enrollment, `local` (`run` refuses
+    /// to start without the file anyway).
+    pub fn reporting_name(&self) -> String {
+        match &self.controller {
+            ControllerLink::Socket(_) => self.name.clone().unwrap_or_else(|| "local".to_owned()),
+            ControllerLink::Tls(_) => crate::control_enrollment::Enrollment::read(&self.state_dir)
+                .map(|e| e.name)
+                .unwrap_or_else(|_| "local".to_owned()),
+        }
+    }
+}
+
+/// A gateway name: 1..=64 bytes of `[a-z0-9._-]` (the controller's rule for names).
+fn check_gateway_name(name: &str) -> Result<(), String> {
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a gateway name: use 1-64 characters from a-z, 0-9, '.', '_', '-'"
+        ))
+    }
+}
+
+/// `HOST:PORT` (`[v6]:PORT` for an IPv6 literal), port 1..=65535.
+pub fn check_controller_address(address: &str) -> Result<(u16, &str), String> {
+    let bad = || {
+        format!("{address:?} is not HOST:PORT: write e.g. \"controller.example.net:7443\" or \"[2001:db8::1]:7443\"")
+    };
+    let (host, port) = address.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let host = match host.strip_prefix('[') {
+        Some(v6) => v6.strip_suffix(']').ok_or_else(bad)?,
+        None if host.contains(':') => return Err(bad()),
+        None => host,
+    };
+    if port == 0 || host.is_empty() || host.chars().any(|c| c.is_whitespace() || c == '/') {
+        return Err(bad());
+    }
+    Ok((port, host))
 }
 
 /// One line: "field `KEY` (line N): MESSAGE", naming the key written on the line the
@@ -448,6 +561,8 @@ mod tests {
             ("crypto_budget = 0", "crypto_budget"),
             ("crypto_workers = 0", "crypto_workers"),
             ("drop_lines_per_sec = -1", "drop_lines_per_sec"),
+            ("max_session_secs = 60", "max_session_secs"),
+            ("max_session_secs = 2592001", "max_session_secs"),
         ];
         for (extra, field) in cases {
             let err = parse(extra).expect_err(extra).to_string();
@@ -457,6 +572,23 @@ mod tests {
                 "{extra:?} gave a multi-line error {err:?}"
             );
         }
+    }
+
+    #[test]
+    fn max_session_secs_defaults_to_12h_or_session_secs_when_longer() {
+        assert_eq!(parse("").expect("defaults").max_session_secs, 43_200);
+        // An old config with a session longer than 12 h stays valid.
+        let c = parse("session_secs = 86400").expect("old config");
+        assert_eq!((c.session_secs, c.max_session_secs), (86_400, 86_400));
+        let c = parse("max_session_secs = 7200").expect("explicit");
+        assert_eq!(c.max_session_secs, 7200);
+        let err = parse("session_secs = 7200\nmax_session_secs = 3600")
+            .expect_err("shorter than session_secs")
+            .to_string();
+        assert!(
+            err.contains("field `max_session_secs`") && err.contains("session_secs (7200)"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -494,6 +626,58 @@ mod tests {
             .expect_err("0644 key refused")
             .to_string();
         assert!(err.contains("chmod 600"), "{err}");
+    }
+
+    #[test]
+    fn exactly_one_controller_link_is_required() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = key_file(dir.path());
+        let with = |lines: &str| {
+            let text = format!("key_file = {:?}\n{lines}", key.display().to_string());
+            Config::parse(&text, Path::new("gw.toml"))
+        };
+        let both = with("controller_socket = \"/c\"\ncontroller = \"ctl:7443\"")
+            .expect_err("both refused")
+            .to_string();
+        assert!(
+            both.contains("`controller_socket`")
+                && both.contains("`controller`")
+                && !both.contains('\n'),
+            "{both}"
+        );
+        let neither = with("").expect_err("neither refused").to_string();
+        assert!(
+            neither.contains("controller_socket") && neither.contains("controller = "),
+            "{neither}"
+        );
+        let unix = with("controller_socket = \"/c\"").expect("socket alone");
+        assert_eq!(unix.controller, ControllerLink::Socket(PathBuf::from("/c")));
+        assert_eq!(unix.reporting_name(), "local");
+        for good in ["ctl.example.net:7443", "127.0.0.1:1", "[::1]:7443"] {
+            let c = with(&format!("controller = {good:?}")).expect(good);
+            assert_eq!(c.controller, ControllerLink::Tls(good.to_owned()));
+        }
+        for bad in [
+            "ctl",
+            "ctl:0",
+            "ctl:99999",
+            ":7443",
+            "::1:7443",
+            "[::1:7443",
+            "a b:1",
+        ] {
+            let err = with(&format!("controller = {bad:?}"))
+                .expect_err(bad)
+                .to_string();
+            assert!(
+                err.contains("field `controller`") && err.contains("HOST:PORT"),
+                "{bad}: {err}"
+            );
+        }
+        let err = with("controller = \"ctl:7443\"\nname = \"edge-1\"")
+            .expect_err("name is Unix-socket only")
+            .to_string();
+        assert!(err.contains("field `name`"), "{err}");
     }
 
     #[test]

@@ -23,10 +23,12 @@ use crate::clock::Clock;
 use crate::config::{CaptureMode, Config};
 use crate::intake::Intake;
 use crate::keyfile;
-use crate::pipeline::{replay_window_ms, Decision, KnockPipeline, PipelineLimits};
+use crate::pipeline::{close_reason, replay_window_ms, Decision, KnockPipeline, PipelineLimits};
 use crate::registry::RegistryView;
 use crate::replay_state::ReplayState;
 use crate::reply::ReplyTarget;
+use crate::session_audit::SessionReporter;
+use crate::session_board::SessionBoard;
 use crate::status::{SnapshotSource, SyncState};
 use crate::unix_ms;
 
@@ -38,12 +40,14 @@ const POLL: Duration = Duration::from_millis(50);
 const VIEW_CHECK: Duration = Duration::from_millis(5);
 /// How often the drop and decision counters are written as a `stats` audit event.
 const STATS_EVERY: Duration = Duration::from_secs(10);
-/// How often live sessions are checked against the access records' `until` (policy mode).
-const ACCESS_RECHECK: Duration = Duration::from_secs(1);
+/// How often live sessions whose lease ran out are noticed (`session_closed`, `expired`).
+const EXPIRY_SWEEP: Duration = Duration::from_secs(1);
 
 /// Runs the gateway until SIGINT or SIGTERM.
 pub fn run(cfg: &Config) -> Result<()> {
     let secret = keyfile::load(&cfg.key_file)?;
+    // Before the firewall: a TLS gateway that is not enrolled cannot run.
+    let transport = crate::sync::Transport::from_config(cfg)?;
     let public = secret.public_key();
     let audit =
         Arc::new(AuditLog::open(&cfg.audit).context("open the audit log (field `audit_log`)")?);
@@ -66,7 +70,15 @@ pub fn run(cfg: &Config) -> Result<()> {
     })
     .context("install the nftables ruleset")?;
     let counters = Arc::new(Counters::default());
-    let result = serve(cfg, &mut firewall, secret, &audit, &stop, &counters);
+    let result = serve(
+        cfg,
+        transport,
+        &mut firewall,
+        secret,
+        &audit,
+        &stop,
+        &counters,
+    );
     // Whatever happened, close every door we opened; the dark ruleset stays.
     let mut flushed = firewall
         .flush()
@@ -94,15 +106,20 @@ pub fn run(cfg: &Config) -> Result<()> {
 /// When a new registry revision has arrived, closes every live session it no longer
 /// allows (device revoked or deleted, grant or app removed, access record gone): the
 /// session element goes, so the flow stops passing packets at once, and its conntrack
-/// entries are deleted. In policy mode it also checks every [`ACCESS_RECHECK`] for access
-/// records whose `until` has passed (no controller needed: fails closed on its own).
+/// entries are deleted. On every call (cheap: only sessions that are due are looked at)
+/// it also re-evaluates the sessions whose decision's `valid_until` passed and closes the
+/// failing ones (`access_expired`: no controller needed, fails closed on its own) and the
+/// ones at the maximum session length (`max_session_length`).
+/// On a new revision it also closes the sessions an admin killed (`Snapshot::kills` for
+/// this gateway's name, opened at or before the kill).
+#[allow(clippy::too_many_arguments)]
 fn close_revoked_sessions(
     view: &crate::sync::SharedView,
     applied_revision: &mut Option<u64>,
-    next_access_check: &mut Instant,
     pipeline: &mut KnockPipeline,
     firewall: &mut Firewall,
     audit: &AuditLog,
+    reporter: &mut SessionReporter,
     now_ms: u64,
 ) {
     let current = view.load();
@@ -110,28 +127,35 @@ fn close_revoked_sessions(
         return;
     };
     let changed = *applied_revision != Some(registry.revision);
-    let access_due = registry.policy_mode() && Instant::now() >= *next_access_check;
-    if !changed && !access_due {
+    let mut ended = Vec::new();
+    if changed {
+        *applied_revision = Some(registry.revision);
+        ended = pipeline.close_sessions_revoked_by(registry, now_ms, close_reason::REGISTRY_CHANGE);
+        let kills = reporter.fresh_kills(registry.kills());
+        ended.extend(pipeline.kill_sessions(&kills, reporter.gateway(), now_ms));
+    }
+    ended.extend(
+        pipeline
+            .close_sessions_due(registry, now_ms)
+            .into_iter()
+            .map(|(session, _reason)| session),
+    );
+    if ended.is_empty() {
         return;
     }
-    *applied_revision = Some(registry.revision);
-    *next_access_check = Instant::now() + ACCESS_RECHECK;
-    let reason = if changed {
-        "registry_change"
-    } else {
-        "access_expired"
-    };
-    for session in pipeline.sessions_revoked_by(registry, now_ms) {
+    // Each `session_closed` line also says whether the firewall close worked.
+    let mut extra = std::collections::HashMap::new();
+    for session in ended {
         let closed = firewall.close_session(session);
         if let Err(e) = &closed {
-            tracing::error!(session = session.0, error = %e, "revoked session could not be closed");
+            tracing::error!(session = session.0, error = %e, "revoked or killed session could not be closed");
         }
-        audit.event(
-            unix_ms(),
-            "session_closed",
-            json!({ "session": session.0, "reason": reason, "revision": registry.revision, "ok": closed.is_ok() }),
+        extra.insert(
+            session.0,
+            json!({ "revision": registry.revision, "ok": closed.is_ok() }),
         );
     }
+    reporter.record(audit, pipeline, &extra, unix_ms());
 }
 
 /// What the start found in `state_dir/snapshot.json`, for the `start` audit event.
@@ -143,6 +167,8 @@ struct PersistedAtStart {
     age_secs: Option<u64>,
     /// Why a file that exists was refused.
     error: Option<String>,
+    /// The loaded snapshot (the sync thread's delta base and `hello.after_revision`).
+    snapshot: Option<postern_protocol::snapshot::Snapshot>,
 }
 
 /// Loads the persisted snapshot into `view` (see snapshot_file.rs). A missing file leaves
@@ -159,6 +185,7 @@ fn load_persisted_snapshot(
         revision: None,
         age_secs: None,
         error,
+        snapshot: None,
     };
     match crate::snapshot_file::load(&cfg.state_dir) {
         Ok(None) => {
@@ -192,6 +219,7 @@ fn load_persisted_snapshot(
                 revision: Some(revision),
                 age_secs: Some(age_secs),
                 error: None,
+                snapshot: Some(p.snapshot),
             }
         }
     }
@@ -208,8 +236,10 @@ fn audit_firewall_error(audit: &AuditLog, now_ms: u64, src: std::net::IpAddr) {
     );
 }
 
+#[allow(clippy::too_many_arguments)]
 fn serve(
     cfg: &Config,
+    transport: crate::sync::Transport,
     firewall: &mut Firewall,
     secret: postern_protocol::keys::GatewaySecret,
     audit: &Arc<AuditLog>,
@@ -228,10 +258,16 @@ fn serve(
         Capture::open(cfg, POLL).with_context(|| format!("open {} capture", cfg.capture))?;
     let view: crate::sync::SharedView = Arc::new(ArcSwapOption::empty());
     let sync_state = Arc::new(SyncState::default());
+    // Live sessions for the controller's `session list`: published here (decision
+    // thread), read by the sync thread.
+    let session_board = SessionBoard::new();
+    let mut reporter = SessionReporter::new(cfg.reporting_name(), Arc::clone(&session_board));
+    let no_extra = std::collections::HashMap::new();
 
     let limits = PipelineLimits {
         max_skew_ms: cfg.max_skew_ms,
         session_ttl_ms: cfg.session_secs * 1000,
+        max_session_ms: cfg.max_session_secs * 1000,
         replay_capacity: 1 << 20,
         require_claimed_addr: cfg.require_claimed_addr,
     };
@@ -245,14 +281,16 @@ fn serve(
     .context("open the replay state (field `state_dir`)")?;
     // state_dir exists (0700) now. Decide from the last snapshot until the controller
     // answers; the sync thread asks for a full one first and replaces it.
-    let persisted = load_persisted_snapshot(cfg, &view, &sync_state);
+    let mut persisted = load_persisted_snapshot(cfg, &view, &sync_state);
     let sync = crate::sync::spawn(crate::sync::SyncContext {
-        socket: cfg.controller_socket.clone(),
+        transport,
         state_dir: cfg.state_dir.clone(),
         view: Arc::clone(&view),
+        persisted: persisted.snapshot.take(),
         state: Arc::clone(&sync_state),
         audit: Arc::clone(audit),
         stop: Arc::clone(stop),
+        sessions: Arc::clone(&session_board),
     });
     let status_writer = crate::status::spawn_writer(
         cfg.state_dir.clone(),
@@ -264,11 +302,9 @@ fn serve(
         ReplySocket::for_capture(&capture, cfg.spa_port)
             .inspect_err(|e| tracing::warn!(error = %e, "denial replies disabled"))
             .ok(),
-        cfg.session_secs,
     );
     let mut pipeline = KnockPipeline::with_replay(secret, limits, replay);
     let pinhole_ttl = Duration::from_secs(cfg.pinhole_secs);
-    let session_ttl = Duration::from_secs(cfg.session_secs);
     let mut new_id = || {
         let mut b = [0u8; 4];
         // The OS RNG failing is not recoverable for a security daemon.
@@ -310,7 +346,7 @@ fn serve(
     .context("start the capture and crypto threads")?;
     let mut result = Ok(());
     let mut applied_revision = None;
-    let mut next_access_check = Instant::now();
+    let mut next_expiry_sweep = Instant::now() + EXPIRY_SWEEP;
     // Forward mode: IP forwarding is switched on at the first forwarded knock, off at stop.
     let mut forwarding = crate::forwarding::Forwarding::new();
     let mut next_stats = Instant::now() + STATS_EVERY;
@@ -319,12 +355,19 @@ fn serve(
         close_revoked_sessions(
             &view,
             &mut applied_revision,
-            &mut next_access_check,
             &mut pipeline,
             firewall,
             audit,
+            &mut reporter,
             clock.now_ms(),
         );
+        if Instant::now() >= next_expiry_sweep {
+            next_expiry_sweep = Instant::now() + EXPIRY_SWEEP;
+            pipeline.sweep_expired_sessions(clock.now_ms());
+        }
+        // Also catches the events of a knock whose firewall step failed (`continue`).
+        reporter.record(audit, &mut pipeline, &no_extra, clock.now_ms());
+        reporter.publish_if_due(&pipeline, clock.now_ms());
         pipeline.replay_mut().tick(clock.now_ms());
         if Instant::now() >= next_status {
             next_status = Instant::now() + crate::status::WRITE_EVERY;
@@ -347,14 +390,22 @@ fn serve(
         };
         let span = tracing::info_span!("knock", %src, device = decision.who().map(|w| w.device.as_str()), app = decision.who().map(|w| w.app.as_str()));
         let _entered = span.enter();
-        if let Decision::Allow { pinhole, .. } = &decision {
+        if let Decision::Allow {
+            pinhole,
+            session_ttl_ms,
+            ..
+        } = &decision
+        {
+            // The session's timeout comes from the decision (lease, verdict cap or the
+            // configured length); the knock window never outlives it.
+            let session_ttl = Duration::from_millis(*session_ttl_ms);
             let forwarding_ok = match pinhole.forward.map(|t| forwarding.ensure(t)) {
                 Some(Err(e)) => Err(e),
                 _ => Ok(()),
             };
             let opened = forwarding_ok.and_then(|()| {
                 firewall
-                    .open(pinhole, pinhole_ttl, session_ttl)
+                    .open(pinhole, pinhole_ttl.min(session_ttl), session_ttl)
                     .map_err(|e| e.to_string())
             });
             if let Err(e) = opened {
@@ -385,6 +436,8 @@ fn serve(
             counters,
         );
         intake.record_with(now, src, &decision, json!({ "reply": replied }));
+        reporter.record(audit, &mut pipeline, &no_extra, now);
+        reporter.publish_if_due(&pipeline, now);
     }
     if let Some(e) = intake.take_capture_error() {
         result = Err(e).context("capture failed");

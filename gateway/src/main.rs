@@ -39,6 +39,32 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Enroll this gateway with a remote controller (config `controller = "HOST:PORT"`).
+    ///
+    /// Generates the gateway's P-256 key and self-signed certificate, connects with mutual
+    /// TLS pinned to the controller certificate named in the token, registers the key with
+    /// the one-time token from `postern-controller gateway add NAME`, and writes
+    /// STATE_DIR/control/ (gateway.key 0600, gateway.crt, controller.json 0600). Nothing is
+    /// written if the controller refuses. Exit codes: 0 enrolled; 1 refused or unreachable;
+    /// 2 bad token, arguments or configuration.
+    #[command(after_help = "Example:
+  postern-gateway enroll --config /etc/postern/gateway.toml \
+    --token postern-gateway:v1:3q2-7wAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA:5f0c…(64 hex)")]
+    Enroll {
+        /// The TOML configuration file (`controller` and `state_dir`).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The line printed by `postern-controller gateway add NAME`.
+        #[arg(long, value_name = "TOKEN")]
+        token: String,
+        /// Replace an existing enrollment (new key; the old registration stays on the
+        /// controller until `gateway remove`).
+        #[arg(long)]
+        force: bool,
+        /// Print one JSON object (name, controller, fingerprints, directory).
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the public key clients need (`postern knock --gateway-key ...`).
     ///
     /// Example: postern-gateway pubkey --config /etc/postern/gateway.toml
@@ -132,6 +158,51 @@ fn status(config: &std::path::Path, json: bool) -> ExitCode {
     ExitCode::from(code)
 }
 
+/// `postern-gateway enroll`: see the command's help for the exit codes.
+fn enroll(config: &std::path::Path, token: &str, force: bool, json: bool) -> ExitCode {
+    use postern_gateway::config::ControllerLink;
+    use postern_gateway::control_enrollment::{self, GatewayToken};
+    let token = match GatewayToken::parse(token) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: --token: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cfg = match Config::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if !matches!(cfg.controller, ControllerLink::Tls(_)) {
+        eprintln!("error: config {}: field `controller`: enrollment is for a remote controller: set `controller = \"HOST:PORT\"` instead of `controller_socket`", config.display());
+        return ExitCode::from(2);
+    }
+    match control_enrollment::enroll(&cfg, &token, force) {
+        Ok(done) if json => {
+            println!("{}", serde_json::to_value(&done).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Ok(done) => {
+            println!(
+                "enrolled as {:?} with {} (controller certificate sha256 {}, gateway key sha256 {}); files in {}",
+                done.name,
+                done.controller,
+                done.controller_cert_sha256,
+                done.key_sha256,
+                done.dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn execute(command: Command) -> Result<ExitCode> {
     let done = match command {
         Command::Run { config } => daemon::run(&Config::load(&config)?),
@@ -151,6 +222,12 @@ fn execute(command: Command) -> Result<ExitCode> {
             println!("{}: ok", config.display());
             Ok(())
         }
+        Command::Enroll {
+            config,
+            token,
+            force,
+            json,
+        } => return Ok(enroll(&config, &token, force, json)),
         // Its own exit codes (connected / disconnected / not running).
         Command::Status { config, json } => return Ok(status(&config, json)),
         Command::Uninstall { table } => {

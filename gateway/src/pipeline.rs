@@ -14,8 +14,13 @@ use postern_protocol::keys::{DeviceId, GatewayKeyId, GatewaySecret};
 use postern_protocol::packet::{self, flags, Knock, OpenError};
 use postern_protocol::snapshot::AppProtocol;
 
-use crate::registry::RegistryView;
+use crate::local_policy::PolicyDenial;
+use crate::registry::{Refusal, RegistryView};
 use crate::replay_state::ReplayState;
+
+mod continuous;
+mod lifecycle;
+pub use lifecycle::{close_reason, global_session_id, SessionEvent, SessionInfo};
 
 /// Who an authenticated knock came from and what it asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,12 +38,21 @@ pub enum Decision {
     /// dropped silently, counted and logged.
     Drop { reason: &'static str },
     /// Authenticated but refused (revoked, no grant, unknown app, replay).
-    Deny { reason: &'static str, who: Who },
+    Deny {
+        reason: &'static str,
+        who: Who,
+        /// The gateway's own policy denial (local decisions): why, for the audit line,
+        /// and what the denial reply may name (a failing posture requirement, MFA).
+        policy: Option<Box<PolicyDenial>>,
+    },
     /// Open (or renew) this pinhole.
     Allow {
         who: Who,
         pinhole: Pinhole,
         renewed: bool,
+        /// The session's kernel timeout to set: the lease (lease mode), the configured
+        /// `session_secs` (legacy grants), never past the maximum session length.
+        session_ttl_ms: u64,
     },
     /// A CLOSE knock ended this live session (the pipeline already forgot it): the caller
     /// closes it in the firewall (session element, pinholes, conntrack entries).
@@ -78,7 +92,10 @@ impl Decision {
 #[derive(Debug, Clone, Copy)]
 pub struct PipelineLimits {
     pub max_skew_ms: u64,
+    /// Session length for legacy grants and older controllers' access records.
     pub session_ttl_ms: u64,
+    /// No session outlives its opening by more than this (`max_session_secs`).
+    pub max_session_ms: u64,
     pub replay_capacity: usize,
     /// Refuse knocks that carry no signed claimed address (default on).
     pub require_claimed_addr: bool,
@@ -98,6 +115,14 @@ pub fn replay_window_ms(limits: &PipelineLimits) -> u64 {
 struct SessionTable {
     by_key: HashMap<(DeviceId, String, IpAddr), (SessionId, u64)>,
     by_id: HashMap<u32, (DeviceId, String, IpAddr)>,
+    /// Per live session: who, source, opened/renewed times (pipeline/lifecycle.rs).
+    records: HashMap<u32, lifecycle::SessionRecord>,
+    /// Lifecycle events not yet taken by the daemon (pipeline/lifecycle.rs).
+    events: Vec<SessionEvent>,
+    /// Per session: mode, opening, cap, re-evaluation time (pipeline/continuous.rs).
+    terms: HashMap<u32, continuous::SessionTerms>,
+    /// (due ms, session id), earliest first: what the periodic sweep looks at.
+    due: std::collections::BTreeSet<(u64, u32)>,
 }
 
 impl SessionTable {
@@ -133,28 +158,6 @@ impl SessionTable {
         }
         self.by_id.insert(id, key);
         (SessionId(id), false)
-    }
-
-    /// Removes and returns the sessions whose device is now unknown or revoked, or whose
-    /// app is gone, or that the view no longer permits at `now_secs` (legacy mode: the
-    /// user's grant is withdrawn; policy mode: the (device, app) access record disappeared
-    /// or its `until` has passed).
-    fn revoked_by(&mut self, view: &RegistryView, now_secs: u64) -> Vec<SessionId> {
-        let by_id = &mut self.by_id;
-        let mut closed = Vec::new();
-        self.by_key.retain(|(device, app, _), (id, _)| {
-            let allowed = view.device(device).is_some_and(|d| {
-                !d.revoked
-                    && view.app(app).is_some()
-                    && view.permits(device, &d.user, app, now_secs).is_ok()
-            });
-            if !allowed {
-                by_id.remove(&id.0);
-                closed.push(*id);
-            }
-            allowed
-        });
-        closed
     }
 
     /// Forgets and returns the live session for `key`, if there is one at `now_ms`.
@@ -347,7 +350,7 @@ impl KnockPipeline {
     /// stops their flows at once. Called on every new snapshot and, in policy mode,
     /// periodically, so access that runs out closes even with the controller away.
     pub fn sessions_revoked_by(&mut self, view: &RegistryView, now_ms: u64) -> Vec<SessionId> {
-        self.sessions.revoked_by(view, now_ms / 1000)
+        self.sessions.reevaluate_all(view, now_ms)
     }
 
     /// How many sessions the gateway remembers as live at `now_ms` (for `status`).
@@ -381,14 +384,23 @@ impl KnockPipeline {
         who: Who,
     ) -> Decision {
         if let Some(reason) = self.claimed_addr_refusal(knock, src) {
-            return Decision::Deny { reason, who };
+            return Decision::Deny {
+                reason,
+                who,
+                policy: None,
+            };
         }
         let key = (device_id, knock.app.clone(), src.to_canonical());
         match self.sessions.close(&key, now_ms) {
-            Some(session) => Decision::Close { who, session },
+            Some(session) => {
+                self.sessions
+                    .retire(session, close_reason::CLIENT_CLOSE, now_ms);
+                Decision::Close { who, session }
+            }
             None => Decision::Deny {
                 reason: "no_session",
                 who,
+                policy: None,
             },
         }
     }
@@ -442,6 +454,7 @@ impl KnockPipeline {
         let deny = |reason: &'static str| Decision::Deny {
             reason,
             who: who.clone(),
+            policy: None,
         };
         if let Err(reason) =
             self.replay
@@ -458,19 +471,46 @@ impl KnockPipeline {
         let Some(app) = view.app(&knock.app) else {
             return deny("unknown_app");
         };
-        if let Err(refusal) = view.permits(&device_id, &device.user, &app.name, now_ms / 1000) {
-            return deny(refusal.reason());
-        }
+        let addr = src.to_canonical();
+        let permit = match view.permit(&device_id, &device.user, &app.name, addr, now_ms) {
+            Ok(permit) => permit,
+            Err(refusal) => {
+                let policy = match &refusal {
+                    Refusal::LocalDenied(d) => Some(Box::new(PolicyDenial::new(
+                        &device_id,
+                        &app.name,
+                        d.as_deref(),
+                    ))),
+                    _ => None,
+                };
+                return Decision::Deny {
+                    reason: refusal.reason(),
+                    who,
+                    policy,
+                };
+            }
+        };
         if let Some(reason) = self.claimed_addr_refusal(&knock, src) {
             return deny(reason);
         }
-        let addr = src.to_canonical();
-        let (session, renewed) = self.sessions.session(
-            (device_id, app.name.clone(), addr),
-            now_ms,
-            self.limits.session_ttl_ms,
-            new_id,
+        let key = (device_id, app.name.clone(), addr);
+        let (opened_at_ms, cap_at_ms) =
+            self.sessions
+                .opening(&key, now_ms, self.limits.max_session_ms);
+        let session_ttl_ms =
+            continuous::session_ttl_ms(&permit, self.limits.session_ttl_ms, now_ms, cap_at_ms);
+        let (session, renewed) = self.sessions.session(key, now_ms, session_ttl_ms, new_id);
+        self.sessions.set_terms(
+            session,
+            continuous::SessionTerms {
+                hold: permit.hold,
+                opened_at_ms,
+                cap_at_ms,
+                valid_until_ms: permit.valid_until_ms,
+            },
         );
+        self.sessions
+            .note_admitted(session, renewed, &who, addr, now_ms);
         let proto = match app.protocol {
             AppProtocol::Tcp => AppProto::Tcp,
             AppProtocol::Udp => AppProto::Udp,
@@ -485,6 +525,7 @@ impl KnockPipeline {
                 forward: app.forward,
             },
             renewed,
+            session_ttl_ms,
         }
     }
 }
@@ -565,6 +606,9 @@ mod tests {
             ],
             access: None,
             denials: None,
+            kills: None,
+            policy: None,
+            subjects: None,
         }
     }
 
@@ -577,6 +621,7 @@ mod tests {
         let limits = PipelineLimits {
             max_skew_ms: 30_000,
             session_ttl_ms: 60_000,
+            max_session_ms: 12 * 3_600_000,
             replay_capacity: 1000,
             require_claimed_addr: true,
         };
@@ -863,6 +908,9 @@ mod tests {
             ],
             access: None,
             denials: None,
+            kills: None,
+            policy: None,
+            subjects: None,
         };
         f.view = RegistryView::from_snapshot(&snapshot).0;
         let session_of = |d: Decision| match d {

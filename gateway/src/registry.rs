@@ -2,14 +2,20 @@
 //!
 //! Owns the conversion of a `Snapshot` (as sent by the controller) into lookup tables:
 //! devices by id with parsed public keys, apps by name, grants as (app, user) pairs, and in
-//! policy mode the controller's access records by (device, app). Built once per snapshot,
-//! then shared immutably. Must not talk to the controller or evaluate policy (the
-//! controller computes every decision; the gateway only looks them up).
+//! policy mode the controller's access records by (device, app), or (local decisions) the
+//! parsed policy and per-device subjects (local_policy.rs). Built once per snapshot, then
+//! shared immutably; answers "may this device open this app from this address now, and
+//! how may it hold it". Must not talk to the controller, keep sessions or read the clock.
 
 use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 
+use crate::local_policy::{unix_ms_of, LocalPolicy};
+use postern_policy::{Denial, SessionMode};
 use postern_protocol::keys::{DeviceId, DevicePublicKey};
-use postern_protocol::snapshot::{AppRecord, DenialHint, Snapshot, MAX_DENIAL_HINTS};
+use postern_protocol::snapshot::{
+    AppRecord, DenialHint, SessionKill, Snapshot, MAX_DENIAL_HINTS, MAX_SESSION_KILLS,
+};
 
 /// An enrolled device as the gateway needs it.
 #[derive(Debug, Clone)]
@@ -32,15 +38,57 @@ pub struct RegistryView {
     access: Option<HashMap<(DeviceId, String), Option<u64>>>,
     /// Policy mode: the controller's denial hints by (device, app), for reply texts.
     denials: HashMap<(DeviceId, String), DenialHint>,
+    /// Admin session kills (all gateways; the daemon picks its own name's).
+    kills: Vec<SessionKill>,
+    /// Local decisions: the snapshot carried `policy`; then it alone decides.
+    local: Option<LocalPolicy>,
 }
 
-/// Why [`RegistryView::permits`] refuses.
+/// How a permitted session may be held open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// Legacy grants or an older controller's access records: the configured
+    /// `session_secs`, renewed by re-knocks.
+    Configured,
+    /// The policy's lease mode: the grant's lease, renewed by re-knocks.
+    Lease,
+    /// The policy's verdict mode: held while the decision holds (re-evaluated), no
+    /// re-knock needed, up to the maximum session length.
+    Verdict,
+}
+
+impl Hold {
+    /// The mode's name in audit lines and session lists.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Hold::Configured | Hold::Lease => "lease",
+            Hold::Verdict => "verdict",
+        }
+    }
+}
+
+/// What [`RegistryView::permit`] grants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Permit {
+    pub hold: Hold,
+    /// [`Hold::Lease`]: the rule's lease (ms), the session's kernel timeout; what cuts a
+    /// grant short (MFA age, posture expiry) is in `valid_until_ms`.
+    pub lease_ms: Option<u64>,
+    /// When the decision can stop holding without a new view (unix ms): a live session
+    /// is re-evaluated then. `None`: only a new view can change it.
+    pub valid_until_ms: Option<u64>,
+}
+
+/// Why [`RegistryView::permit`] refuses.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
     /// Legacy mode: no grant for the device's user.
     NotGranted,
     /// Policy mode: no access record for (device, app), or its `until` has passed.
     PolicyDenied,
+    /// Local decisions: the policy denies (`None`: no usable policy, or no subject for
+    /// the device).
+    LocalDenied(Option<Box<Denial>>),
 }
 
 impl Refusal {
@@ -48,7 +96,7 @@ impl Refusal {
     pub fn reason(self) -> &'static str {
         match self {
             Refusal::NotGranted => "not_granted",
-            Refusal::PolicyDenied => "policy_denied",
+            Refusal::PolicyDenied | Refusal::LocalDenied(_) => "policy_denied",
         }
     }
 }
@@ -123,13 +171,25 @@ impl RegistryView {
             .take(MAX_DENIAL_HINTS)
             .filter_map(|h| Some(((h.device.parse().ok()?, h.app.clone()), h.clone())))
             .collect();
+        let local = snapshot
+            .policy
+            .as_ref()
+            .map(|text| LocalPolicy::new(text, snapshot.subjects.as_deref(), &mut warnings));
         let view = RegistryView {
+            local,
             revision: snapshot.revision,
             devices,
             apps,
             grants,
             access,
             denials,
+            kills: snapshot
+                .kills
+                .iter()
+                .flatten()
+                .take(MAX_SESSION_KILLS)
+                .cloned()
+                .collect(),
         };
         (view, warnings)
     }
@@ -146,27 +206,61 @@ impl RegistryView {
         self.grants.contains(&(app.to_owned(), user.to_owned()))
     }
 
-    /// True when the snapshot carried access records (a policy is applied).
+    /// True when a policy is applied (local decisions, or an older controller's access
+    /// records): grants are ignored.
     pub fn policy_mode(&self) -> bool {
-        self.access.is_some()
+        self.local.is_some() || self.access.is_some()
     }
 
-    /// Whether `device` (owned by `user`) may open `app` at `now_secs` (unix seconds).
-    /// Policy mode: only an access record for (device, app) whose `until` is absent or
-    /// later than `now_secs` admits; grants are ignored. Legacy mode: a grant for `user`.
-    pub fn permits(
+    /// The local policy, when the snapshot carried one (it then decides alone).
+    pub fn local_policy(&self) -> Option<&LocalPolicy> {
+        self.local.as_ref()
+    }
+
+    /// Whether `device` (owned by `user`) may open `app` from `source` at `now_ms` (unix
+    /// ms), and how the session may be held. Local decisions: `postern_policy::decide`
+    /// on the snapshot's policy (every check, source networks included). Else, with
+    /// access records: only a record for (device, app) whose `until` is absent or later
+    /// than now admits. Else (legacy): a grant for `user`.
+    pub fn permit(
         &self,
         device: &DeviceId,
         user: &str,
         app: &str,
-        now_secs: u64,
-    ) -> Result<(), Refusal> {
+        source: IpAddr,
+        now_ms: u64,
+    ) -> Result<Permit, Refusal> {
+        if let Some(local) = &self.local {
+            let grant = local
+                .decide(device, app, Some(source), now_ms)
+                .map_err(|denial| Refusal::LocalDenied(denial.map(Box::new)))?;
+            let valid_until_ms = grant.valid_until.map(unix_ms_of);
+            return Ok(match grant.session_mode {
+                SessionMode::Lease => Permit {
+                    hold: Hold::Lease,
+                    lease_ms: Some(u64::try_from(grant.lease.as_millis()).unwrap_or(u64::MAX)),
+                    valid_until_ms,
+                },
+                SessionMode::Verdict => Permit {
+                    hold: Hold::Verdict,
+                    lease_ms: None,
+                    valid_until_ms,
+                },
+            });
+        }
+        let configured = |valid_until_ms| Permit {
+            hold: Hold::Configured,
+            lease_ms: None,
+            valid_until_ms,
+        };
         match &self.access {
             Some(access) => match access.get(&(*device, app.to_owned())) {
-                Some(until) if until.is_none_or(|u| u > now_secs) => Ok(()),
+                Some(until) if until.is_none_or(|u| u.saturating_mul(1000) > now_ms) => {
+                    Ok(configured(until.map(|u| u.saturating_mul(1000))))
+                }
                 _ => Err(Refusal::PolicyDenied),
             },
-            None if self.is_granted(app, user) => Ok(()),
+            None if self.is_granted(app, user) => Ok(configured(None)),
             None => Err(Refusal::NotGranted),
         }
     }
@@ -176,10 +270,17 @@ impl RegistryView {
         self.access.as_ref().map_or(0, HashMap::len)
     }
 
-    /// The controller's reason for denying `device` (id text) the `app`, if it sent one.
+    /// The controller's reason for denying `device` (id text) the `app`, if it sent one
+    /// (older controllers' `denials`; local decisions carry their own, see
+    /// [`local_policy::hint_of`](crate::local_policy::hint_of)).
     pub fn denial_hint(&self, device: &str, app: &str) -> Option<&DenialHint> {
         let id: DeviceId = device.parse().ok()?;
         self.denials.get(&(id, app.to_owned()))
+    }
+
+    /// The admin session kills the snapshot carried (every gateway's).
+    pub fn kills(&self) -> &[SessionKill] {
+        &self.kills
     }
 
     pub fn device_count(&self) -> usize {

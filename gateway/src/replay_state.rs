@@ -254,7 +254,9 @@ impl ReplayState {
         let path = dir.join(JOURNAL);
         let kind = match std::fs::read(&path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                if created {
+                // `postern-gateway enroll` may have made the directory for `control/`
+                // before the first run: nothing but that means no gateway ran here.
+                if created || holds_only_enrollment(dir) {
                     "new"
                 } else {
                     // The directory was there but the journal is gone: whatever it held is
@@ -523,6 +525,16 @@ mod compaction_tests {
     }
 }
 
+/// `dir` holds nothing but the enrollment directory (`control/`, control_enrollment.rs).
+fn holds_only_enrollment(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        let names: Vec<_> = entries
+            .filter_map(|e| e.ok().map(|e| e.file_name()))
+            .collect();
+        names.len() == 1 && names[0] == crate::control_enrollment::CONTROL_DIR
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -561,6 +573,16 @@ mod tests {
             s.check_and_insert(dev(1), [2; 16], T + 900, T + 1000),
             Ok(())
         );
+    }
+
+    #[test]
+    fn a_dir_holding_only_the_enrollment_is_a_first_start() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("state");
+        std::fs::create_dir_all(dir.join(crate::control_enrollment::CONTROL_DIR)).expect("mkdir");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        let (_, r) = open(&dir, T);
+        assert_eq!((r.kind, r.floor), ("new", None));
     }
 
     #[test]

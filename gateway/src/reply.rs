@@ -45,7 +45,6 @@ impl ReplyTarget {
 pub struct Replier {
     secret: GatewaySecret,
     socket: Option<ReplySocket>,
-    session_secs: u32,
 }
 
 impl std::fmt::Debug for Replier {
@@ -58,13 +57,8 @@ impl std::fmt::Debug for Replier {
 
 impl Replier {
     /// `socket` is `None` when no reply socket could be opened: then nothing is ever sent.
-    /// `session_secs`: the session length stated in acknowledgements.
-    pub fn new(secret: GatewaySecret, socket: Option<ReplySocket>, session_secs: u64) -> Replier {
-        Replier {
-            secret,
-            socket,
-            session_secs: u32::try_from(session_secs).unwrap_or(u32::MAX),
-        }
+    pub fn new(secret: GatewaySecret, socket: Option<ReplySocket>) -> Replier {
+        Replier { secret, socket }
     }
 
     /// Answers the knock if the rule says so ([`reply_for`]); true when a reply was sent.
@@ -80,7 +74,7 @@ impl Replier {
         let (Some(socket), Some(target)) = (&self.socket, target) else {
             return false;
         };
-        let Some(reply) = reply_for(target, peer, decision, view, self.session_secs) else {
+        let Some(reply) = reply_for(target, peer, decision, view) else {
             return false;
         };
         let mut salt = [0u8; 16];
@@ -120,21 +114,21 @@ impl Replier {
 }
 
 /// The reply for `decision` on the knock `target` that came from `peer`, or `None` when
-/// the rule says silence. `session_secs` is the session length an acknowledged allow
-/// states.
+/// the rule says silence. An acknowledged allow states the session's length (its kernel
+/// timeout: the lease, the configured length or the maximum session length).
 pub fn reply_for(
     target: &ReplyTarget,
     peer: &Peer,
     decision: &Decision,
     view: Option<&RegistryView>,
-    session_secs: u32,
 ) -> Option<Reply> {
     // The reply goes only to the address the device signed.
     let claimed = target.claimed?;
     if claimed.to_canonical() != peer.src.to_canonical() {
         return None;
     }
-    if let Decision::Allow { .. } = decision {
+    if let Decision::Allow { session_ttl_ms, .. } = decision {
+        let session_secs = u32::try_from(session_ttl_ms / 1000).unwrap_or(u32::MAX);
         return target.wants_ack.then(|| Reply {
             decision: ReplyDecision::Allow,
             reason: decision.reason().to_owned(),
@@ -143,7 +137,12 @@ pub fn reply_for(
             session_secs,
         });
     }
-    let Decision::Deny { reason, who } = decision else {
+    let Decision::Deny {
+        reason,
+        who,
+        policy,
+    } = decision
+    else {
         return None;
     };
     let app = who.app.as_str();
@@ -160,7 +159,15 @@ pub fn reply_for(
             format!("user {} has no grant for {app}", who.user),
             format!("ask your administrator for access to {app}"),
         ),
-        "policy_denied" => policy_denied_text(view, &who.device, app),
+        "policy_denied" => match policy.as_ref().and_then(|p| p.hint.as_ref()) {
+            Some(hint) => hint_text(
+                &hint.reason,
+                hint.requirement.as_deref(),
+                hint.remediation.as_deref(),
+                app,
+            ),
+            None => policy_denied_text(view, &who.device, app),
+        },
         // Replay, stale, address and anything not listed here: no reply.
         _ => return None,
     };
@@ -173,8 +180,9 @@ pub fn reply_for(
     })
 }
 
-/// Policy mode: the controller's denial hint for (device, app) when it sent one, else a
-/// generic sentence (e.g. an access record whose `until` passed since the last snapshot).
+/// Policy mode without a local denial hint: an older controller's denial hint for (device,
+/// app) when it sent one, else a generic sentence (e.g. a deny rule, a time window, an
+/// access record whose `until` passed since the last snapshot).
 fn policy_denied_text(view: Option<&RegistryView>, device: &str, app: &str) -> (String, String) {
     if let Some(hint) = view.and_then(|v| v.denial_hint(device, app)) {
         return hint_text(
@@ -263,23 +271,23 @@ mod tests {
                 user: "alice".into(),
                 app: "ssh".into(),
             },
+            policy: None,
         }
     }
 
     #[test]
     fn only_signed_matching_addresses_get_a_reply() {
         let d = deny("not_granted");
-        assert!(reply_for(&target(Some("10.0.0.1")), &peer("10.0.0.1"), &d, None, 0).is_some());
+        assert!(reply_for(&target(Some("10.0.0.1")), &peer("10.0.0.1"), &d, None).is_some());
         assert!(reply_for(
             &target(Some("10.0.0.1")),
             &peer("::ffff:10.0.0.1"),
             &d,
-            None,
-            0
+            None
         )
         .is_some());
-        assert!(reply_for(&target(Some("10.0.0.2")), &peer("10.0.0.1"), &d, None, 0).is_none());
-        assert!(reply_for(&target(None), &peer("10.0.0.1"), &d, None, 0).is_none());
+        assert!(reply_for(&target(Some("10.0.0.2")), &peer("10.0.0.1"), &d, None).is_none());
+        assert!(reply_for(&target(None), &peer("10.0.0.1"), &d, None).is_none());
     }
 
     #[test]
@@ -293,9 +301,9 @@ mod tests {
             "no_claimed_addr",
             "something_new",
         ] {
-            assert!(reply_for(&t, &p, &deny(r), None, 0).is_none(), "{r}");
+            assert!(reply_for(&t, &p, &deny(r), None).is_none(), "{r}");
         }
-        assert!(reply_for(&t, &p, &Decision::Drop { reason: "decrypt" }, None, 0).is_none());
+        assert!(reply_for(&t, &p, &Decision::Drop { reason: "decrypt" }, None).is_none());
     }
 
     #[test]
@@ -315,23 +323,24 @@ mod tests {
                 forward: None,
             },
             renewed: false,
+            session_ttl_ms: 300_999,
         };
         let mut t = target(Some("10.0.0.1"));
         let p = peer("10.0.0.1");
-        assert!(reply_for(&t, &p, &allow, None, 300).is_none());
+        assert!(reply_for(&t, &p, &allow, None).is_none());
         t.wants_ack = true;
-        let r = reply_for(&t, &p, &allow, None, 300).expect("ack");
+        let r = reply_for(&t, &p, &allow, None).expect("ack");
         assert_eq!(
             (r.decision, r.reason.as_str(), r.session_secs),
             (ReplyDecision::Allow, "granted", 300)
         );
-        assert!(reply_for(&t, &peer("10.0.0.9"), &allow, None, 300).is_none());
+        assert!(reply_for(&t, &peer("10.0.0.9"), &allow, None).is_none());
     }
 
     #[test]
     fn texts() {
         let t = target(Some("10.0.0.1"));
-        let r = reply_for(&t, &peer("10.0.0.1"), &deny("policy_denied"), None, 0).expect("reply");
+        let r = reply_for(&t, &peer("10.0.0.1"), &deny("policy_denied"), None).expect("reply");
         assert_eq!(r.reason, "policy_denied");
         assert!(r.remediation.contains("postern login"), "{r:?}");
         assert_eq!(

@@ -71,7 +71,10 @@ pub struct SyncState {
 impl SyncState {
     /// A controller answer arrived (a snapshot or a heartbeat) for `revision`.
     pub fn contact(&self, revision: u64, now_ms: u64) {
-        self.connected.store(true, Ordering::SeqCst);
+        if !self.connected.swap(true, Ordering::SeqCst) {
+            // Reconnected (maybe at the same revision): the status file shows it at once.
+            self.changed.store(true, Ordering::SeqCst);
+        }
         self.last_contact_ms.store(now_ms, Ordering::SeqCst);
         self.set_view(revision, SnapshotSource::Controller);
     }

@@ -148,6 +148,18 @@ impl Denial {
         }
     }
 
+    /// The stable code of a reason the device itself can fix (`posture_failed`,
+    /// `mfa_too_old`, `mfa_missing`), for denial replies; `None` for the rest (no rule, a
+    /// deny rule, revoked, disabled, source network, time window, risk).
+    pub fn fixable_code(&self) -> Option<&'static str> {
+        match &self.reason {
+            DenyReason::Failed(Failure::Posture { .. }) => Some("posture_failed"),
+            DenyReason::Failed(Failure::MfaTooOld { .. }) => Some("mfa_too_old"),
+            DenyReason::Failed(Failure::MfaMissing) => Some("mfa_missing"),
+            _ => None,
+        }
+    }
+
     /// The failing requirement's remediation text, if that is the reason.
     pub fn remediation(&self) -> Option<&str> {
         match &self.reason {
@@ -675,6 +687,28 @@ fn requirement_holds_until(req: &Requirement, facts: &PostureFacts) -> Option<Ti
         ))
     });
     earliest(facts.expires, update_limit)
+}
+
+/// The precomputed [`Verdict`] on `facts` for one requirement at `now`, as the controller
+/// ships it to gateways (so the facts themselves never leave the controller). A passing
+/// verdict expires when the facts would stop passing with time alone (the report's expiry
+/// or the package-update age limit, whichever comes first); a failing one when the report
+/// expires (time alone never makes a failing requirement pass). No expiry at all:
+/// [`Timestamp::MAX`]. Deciding with the verdicts at any instant before they expire gives
+/// the same allow or deny as deciding with the facts.
+pub fn verdict(req: &Requirement, facts: &PostureFacts, now: Timestamp) -> Verdict {
+    match check_requirement(req, facts, now) {
+        Ok(()) => Verdict {
+            passed: true,
+            expires: requirement_holds_until(req, facts).unwrap_or(Timestamp::MAX),
+            detail: String::new(),
+        },
+        Err(detail) => Verdict {
+            passed: false,
+            expires: facts.expires.unwrap_or(Timestamp::MAX),
+            detail,
+        },
+    }
 }
 
 /// Checks reported facts against one requirement at `now`; `Err` says what fails.

@@ -21,8 +21,8 @@ pub mod report;
 
 pub use diff::{diff, Change, PolicyDiff};
 pub use eval::{
-    check_requirement, decide, explain, next_window_change, Decision, Denial, DenyReason, Device,
-    Explanation, Failure, Grant, Outcome, Posture, PostureFacts, Request, Step, Verdict,
+    check_requirement, decide, explain, next_window_change, verdict, Decision, Denial, DenyReason,
+    Device, Explanation, Failure, Grant, Outcome, Posture, PostureFacts, Request, Step, Verdict,
 };
 pub use file::{parse, PolicyError, DEFAULT_LEASE};
 /// The timestamp type of [`Request::now`] and the posture times.

@@ -213,3 +213,68 @@ fn source_restricted_rules_grant_nothing_without_a_source() {
     let d = device(None, Posture::Unknown);
     assert!(!decide_at(SOURCE_ONLY, &d, "ssh", ts("2026-06-15T12:00:00Z")).is_allow());
 }
+
+const PATCHED: &str = r#"
+[[requirement]]
+name = "patched"
+max_days_since_update = 14
+remediation = "apt full-upgrade"
+
+[[requirement]]
+name = "disk"
+disk_encryption = true
+remediation = "turn on LUKS"
+
+[[rule]]
+name = "wiki"
+effect = "allow"
+apps = ["wiki"]
+groups = ["eng"]
+posture = ["patched", "disk"]
+"#;
+
+/// Verdicts precomputed from facts (`postern_policy::verdict`, what the controller ships to
+/// gateways) decide exactly like the facts, at every instant up to and past their expiry.
+#[test]
+fn verdicts_computed_from_facts_decide_like_the_facts() {
+    let set = parse(PATCHED).expect("test policy parses");
+    let computed_at = ts("2026-06-15T12:00:00Z");
+    for disk in [true, false] {
+        let facts = PostureFacts {
+            expires: Some(ts("2026-06-20T00:00:00Z")),
+            last_package_update: Some(ts("2026-06-03T12:00:00Z")),
+            disk_encrypted: disk,
+            ..PostureFacts::default()
+        };
+        let verdicts: BTreeMap<String, postern_policy::Verdict> = set
+            .requirements
+            .iter()
+            .map(|r| {
+                (
+                    r.name.clone(),
+                    postern_policy::verdict(r, &facts, computed_at),
+                )
+            })
+            .collect();
+        // patched: 14 days after the update, plus the whole-second rule.
+        assert_eq!(verdicts["patched"].expires, ts("2026-06-17T12:00:01Z"));
+        assert_eq!(verdicts["disk"].passed, disk);
+        assert_eq!(verdicts["disk"].expires, ts("2026-06-20T00:00:00Z"));
+        let by_facts = device(None, Posture::Facts(facts.clone()));
+        let by_verdicts = device(None, Posture::Verdicts(verdicts));
+        for now in [
+            "2026-06-15T12:00:00Z",
+            "2026-06-17T12:00:00Z",
+            "2026-06-17T12:00:01Z",
+            "2026-06-19T23:59:59Z",
+            "2026-06-20T00:00:00Z",
+        ] {
+            let a = decide_at(PATCHED, &by_facts, "wiki", ts(now));
+            let b = decide_at(PATCHED, &by_verdicts, "wiki", ts(now));
+            assert_eq!(a.is_allow(), b.is_allow(), "disk {disk} at {now}");
+            if let (Decision::Allow(a), Decision::Allow(b)) = (&a, &b) {
+                assert_eq!(a.valid_until, b.valid_until, "at {now}");
+            }
+        }
+    }
+}

@@ -56,6 +56,9 @@ pub const HEADER_SIGNATURE: &str = "x-postern-signature";
 pub const MAX_SKEW_SECS: u64 = 60;
 /// Text prefix of an invite token.
 pub const INVITE_PREFIX: &str = "postern-invite:v1:";
+/// Text prefix of a gateway enrollment token (`postern-controller gateway add`); same
+/// `<secret>:<certificate sha256>` body as an invite (docs/control-channel.md).
+pub const GATEWAY_TOKEN_PREFIX: &str = "postern-gateway:v1:";
 
 /// Why a request's authentication headers or an invite token were refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -298,9 +301,15 @@ impl InviteToken {
 
     /// Parses `postern-invite:v1:<base64url secret>:<hex sha256>` (whitespace trimmed).
     pub fn parse(text: &str) -> Result<Self, ApiAuthError> {
+        Self::parse_with_prefix(text, INVITE_PREFIX)
+    }
+
+    /// Parses `<prefix><base64url secret>:<hex sha256>` (whitespace trimmed): the same
+    /// token body under another prefix, e.g. [`GATEWAY_TOKEN_PREFIX`].
+    pub fn parse_with_prefix(text: &str, prefix: &str) -> Result<Self, ApiAuthError> {
         let body = text
             .trim()
-            .strip_prefix(INVITE_PREFIX)
+            .strip_prefix(prefix)
             .ok_or(ApiAuthError::BadInvite)?;
         let (secret_b64, cert_hex) = body.split_once(':').ok_or(ApiAuthError::BadInvite)?;
         let decoded = Zeroizing::new(
@@ -323,7 +332,12 @@ impl InviteToken {
 
     /// The token text (shown once to the admin).
     pub fn to_text(&self) -> Zeroizing<String> {
-        let mut s = Zeroizing::new(String::from(INVITE_PREFIX));
+        self.to_text_with_prefix(INVITE_PREFIX)
+    }
+
+    /// The token text under another prefix (see [`Self::parse_with_prefix`]).
+    pub fn to_text_with_prefix(&self, prefix: &str) -> Zeroizing<String> {
+        let mut s = Zeroizing::new(String::from(prefix));
         B64URL.encode_string(self.secret.as_slice(), &mut s);
         s.push(':');
         s.push_str(&hex::encode(self.cert_sha256));
@@ -541,6 +555,25 @@ mod tests {
         c.check_and_insert(dev, [3; 16], NOW + 200, NOW + 200)
             .expect("pruned");
         assert_eq!(c.len(), 1);
+    }
+
+    #[test]
+    fn gateway_token_uses_its_own_prefix() {
+        let t = InviteToken::new([5; 32], [0xcd; 32]);
+        let text = t.to_text_with_prefix(GATEWAY_TOKEN_PREFIX);
+        assert!(text.starts_with("postern-gateway:v1:BQUF"), "{}", *text);
+        assert!(
+            text.ends_with(&format!(":{}", "cd".repeat(32))),
+            "{}",
+            *text
+        );
+        let back = InviteToken::parse_with_prefix(&text, GATEWAY_TOKEN_PREFIX).expect("parse");
+        assert_eq!(back, t);
+        assert_eq!(
+            InviteToken::parse(&text),
+            Err(ApiAuthError::BadInvite),
+            "a gateway token is not a device invite"
+        );
     }
 
     #[test]

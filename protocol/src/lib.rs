@@ -8,6 +8,8 @@
 //! firewall (sans-IO). Callers pass timestamps, ephemeral secrets and nonces in.
 
 pub mod api_auth;
+pub mod control;
+pub mod delta;
 pub mod keys;
 pub mod packet;
 pub mod replay;

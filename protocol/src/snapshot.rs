@@ -39,6 +39,91 @@ pub struct Snapshot {
     /// ([`MAX_DENIAL_HINTS`]); absent from old controllers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub denials: Option<Vec<DenialHint>>,
+    /// Sessions an admin killed (`postern-controller session kill`) in the last day: the
+    /// gateway named closes the session with that id if it is live. Absent from old
+    /// controllers. Bounded by the controller ([`MAX_SESSION_KILLS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kills: Option<Vec<SessionKill>>,
+    /// Local decisions (docs/policy.md, "Enforcement at the gateway"): the applied policy
+    /// file, which the gateway parses and evaluates itself on every knock, with the knock's
+    /// source address. Present: this decides (with `subjects`), and `access`/`denials`/
+    /// `grants` are ignored. Absent (old controllers, no policy applied): `access` or
+    /// `grants` decide as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyText>,
+    /// With `policy`: what the policy needs to know about each non-revoked device (its
+    /// user, groups, risk, last MFA and precomputed posture verdicts; never the raw
+    /// posture facts). A top-level array so a delta carries only the changed devices. A
+    /// device without a subject is denied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subjects: Option<Vec<PolicySubject>>,
+}
+
+/// The applied policy file as the controller stores it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct PolicyText {
+    /// The TOML text exactly as applied (docs/policy.md).
+    pub text: String,
+    /// SHA-256 of `text`, lowercase hex (which policy a gateway enforces).
+    pub sha256: String,
+}
+
+/// One device as the policy engine sees it, with posture as verdicts.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PolicySubject {
+    /// Device id, 32 lowercase hex digits.
+    pub device: String,
+    /// The owning user.
+    pub user: String,
+    /// The user's groups.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+    /// The user is disabled (nothing is allowed).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub disabled: bool,
+    /// Risk score 0-100.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub risk: u8,
+    /// When the user last proved MFA on this device (unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_mfa: Option<u64>,
+    /// Per posture requirement the policy uses: the controller's verdict on the device's
+    /// latest report. Absent: no report (every requirement fails).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub posture: Option<std::collections::BTreeMap<String, PostureVerdict>>,
+}
+
+/// The controller's verdict on one posture requirement.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PostureVerdict {
+    /// Whether the requirement passed.
+    pub passed: bool,
+    /// Unix seconds from which the verdict is invalid (the report's expiry, or earlier
+    /// when an age limit such as `max_days_since_update` runs out first).
+    pub expires: u64,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+fn is_zero(n: &u8) -> bool {
+    *n == 0
+}
+
+/// At most this many session kills travel in one snapshot.
+pub const MAX_SESSION_KILLS: usize = 10_000;
+
+/// One admin session kill.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SessionKill {
+    /// The gateway's name (as registered, or a local gateway's configured name).
+    pub gateway: String,
+    /// The gateway's session id (1..=0xFF_FFFF).
+    pub session: u32,
+    /// When the kill was ordered (unix seconds): a session opened after it is not killed
+    /// (session ids are reused).
+    pub at: u64,
 }
 
 /// At most this many denial hints travel in one snapshot.
@@ -251,6 +336,9 @@ mod tests {
             }],
             access: None,
             denials: None,
+            kills: None,
+            policy: None,
+            subjects: None,
         }
     }
 
@@ -314,6 +402,53 @@ mod tests {
         let hint = back.denial_hint(&id, "ssh").expect("hint");
         assert_eq!(hint.requirement.as_deref(), Some("disk-encryption"));
         assert!(back.denial_hint(&id, "dns").is_none());
+    }
+
+    #[test]
+    fn policy_and_subjects_are_optional_and_compact_on_the_wire() {
+        let mut s = sample();
+        let json = serde_json::to_string(&s).expect("serialize");
+        assert!(
+            !json.contains("policy") && !json.contains("subjects"),
+            "{json}"
+        );
+        s.policy = Some(PolicyText {
+            text: "[[rule]]".into(),
+            sha256: "ab".repeat(32),
+        });
+        let verdict = PostureVerdict {
+            passed: true,
+            expires: 1_795_000_000,
+        };
+        s.subjects = Some(vec![
+            PolicySubject {
+                device: s.devices[0].id.clone(),
+                user: "alice".into(),
+                groups: vec!["eng".into()],
+                disabled: false,
+                risk: 20,
+                last_mfa: Some(1_794_990_000),
+                posture: Some([("disk".to_owned(), verdict)].into_iter().collect()),
+            },
+            PolicySubject {
+                device: "00".repeat(16),
+                user: "bob".into(),
+                groups: vec![],
+                disabled: false,
+                risk: 0,
+                last_mfa: None,
+                posture: None,
+            },
+        ]);
+        let json = serde_json::to_string(&s).expect("serialize");
+        let back: Snapshot = serde_json::from_str(&json).expect("deserialize");
+        assert_eq!(back, s);
+        // Defaults are left out: a subject with nothing set is its device and user.
+        let bob = serde_json::to_string(&s.subjects.as_ref().expect("set")[1]).expect("bob");
+        assert_eq!(
+            bob,
+            format!(r#"{{"device":"{}","user":"bob"}}"#, "00".repeat(16))
+        );
     }
 
     #[test]

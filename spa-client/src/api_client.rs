@@ -2,29 +2,26 @@
 //! `/v1/whoami`, `/v1/time`): a small blocking HTTP/1.1 client over rustls (ring provider) that trusts
 //! exactly one pinned certificate, and the `controller.json` file written at enrollment.
 //!
-//! Owns: URL parsing (`https://HOST[:PORT]`), the pinned-certificate verifier (SHA-256 of
-//! the end-entity DER must equal the pin; handshake signatures are still verified with
-//! ring), request signing with the device key (fresh timestamp and random nonce per
+//! Owns: URL parsing (`https://HOST[:PORT]`), trusting only the pinned certificate
+//! (`postern_pinning`: SHA-256 of the end-entity DER must equal the pin; handshake
+//! signatures are still verified with ring), request signing with the device key (fresh timestamp and random nonce per
 //! request, see `postern_protocol::api_auth`), and `controller.json` (mode 0600).
 //!
 //! Must not touch: the command line and its messages (see `main.rs`), the device key file
 //! format (`postern_protocol::keys`).
 
-use std::fmt;
 use std::io::{Read, Write};
 use std::net::{IpAddr, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use postern_pinning::PinnedCertVerifier;
 use postern_protocol::api_auth::{self, SignedHeaders};
 use postern_protocol::keys::DeviceSigningKey;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::{
-    CertificateError, ClientConfig, ClientConnection, DigitallySignedStruct, StreamOwned,
-};
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::client::danger::ServerCertVerifier;
+use rustls::{ClientConfig, ClientConnection, StreamOwned};
+use rustls_pki_types::ServerName;
 use serde::{Deserialize, Serialize};
 
 /// Connect timeout to the controller.
@@ -179,77 +176,6 @@ impl ControllerUrl {
     }
 }
 
-/// Trusts exactly one end-entity certificate (by SHA-256 of its DER); handshake
-/// signatures are verified with the ring provider as usual.
-struct PinnedCertVerifier {
-    pin: [u8; 32],
-    provider: Arc<CryptoProvider>,
-    /// Fingerprint presented when it did not match (to name it in the error).
-    mismatch: Mutex<Option<String>>,
-}
-
-impl fmt::Debug for PinnedCertVerifier {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "PinnedCertVerifier({})", hex::encode(self.pin))
-    }
-}
-
-impl ServerCertVerifier for PinnedCertVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let presented = ring::digest::digest(&ring::digest::SHA256, end_entity.as_ref());
-        if presented.as_ref() == self.pin.as_slice() {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            *self.mismatch.lock().unwrap_or_else(PoisonError::into_inner) =
-                Some(hex::encode(presented.as_ref()));
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::ApplicationVerificationFailure,
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 /// One HTTP answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiResponse {
@@ -309,11 +235,7 @@ impl ApiClient {
     pub fn new(url: &str, pin: [u8; 32]) -> Result<Self, ApiClientError> {
         let url = ControllerUrl::parse(url)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier = Arc::new(PinnedCertVerifier {
-            pin,
-            provider: Arc::clone(&provider),
-            mismatch: Mutex::new(None),
-        });
+        let verifier = Arc::new(PinnedCertVerifier::new(pin, Arc::clone(&provider)));
         let tls = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .dangerous()
@@ -458,12 +380,7 @@ impl ApiClient {
     }
 
     fn pin_error(&self) -> Option<ApiClientError> {
-        let presented = self
-            .verifier
-            .mismatch
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()?;
+        let presented = self.verifier.take_mismatch()?;
         Some(ApiClientError::PinMismatch {
             pinned: hex::encode(self.pin),
             presented,

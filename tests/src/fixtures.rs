@@ -32,6 +32,10 @@ pub struct Controller {
     log: PathBuf,
     /// The `serve` arguments after `--socket`, for [`Controller::restart`].
     serve_args: Vec<String>,
+    /// The network namespace `serve` runs in (`None`: the test's own).
+    netns: Option<String>,
+    /// How many times `serve` was started (each logs its own listening line).
+    starts: usize,
     dir: TempDir,
 }
 
@@ -66,7 +70,22 @@ impl Controller {
         format!("https://{addr}")
     }
 
+    /// Starts `serve --gateway-listen LISTEN` inside namespace `ns` (the TLS control
+    /// channel for remote gateways listens there, e.g. on that namespace's 127.0.0.1), and
+    /// waits for its `gateway channel listening on` log line. The Unix socket and the
+    /// registry stay in the temp directory as usual.
+    pub fn start_in_namespace_with_gateway_listen(
+        ns: &crate::lab::Netns,
+        listen: &str,
+    ) -> Controller {
+        Controller::start_in(Some(ns.name()), &["--gateway-listen", listen])
+    }
+
     fn start_with(serve_args: &[&str]) -> Controller {
+        Controller::start_in(None, serve_args)
+    }
+
+    fn start_in(netns: Option<&str>, serve_args: &[&str]) -> Controller {
         let dir = tempfile::Builder::new()
             .prefix("postern-ctl-")
             .tempdir()
@@ -75,21 +94,38 @@ impl Controller {
         let socket = dir.path().join("controller.sock");
         let log = dir.path().join("controller.log");
         let serve_args: Vec<String> = serve_args.iter().map(|a| (*a).to_owned()).collect();
-        let child = Controller::spawn_serve(&db, &socket, &log, &serve_args);
+        let netns = netns.map(str::to_owned);
+        let child = Controller::spawn_serve(netns.as_deref(), &db, &socket, &log, &serve_args);
         let mut ctl = Controller {
             child,
             db,
             socket,
             log,
             serve_args,
+            netns,
+            starts: 1,
             dir,
         };
         ctl.wait_serving();
         ctl
     }
 
-    fn spawn_serve(db: &Path, socket: &Path, log: &Path, serve_args: &[String]) -> ChildGuard {
-        let mut cmd = Command::new(bin("postern-controller"));
+    fn spawn_serve(
+        netns: Option<&str>,
+        db: &Path,
+        socket: &Path,
+        log: &Path,
+        serve_args: &[String],
+    ) -> ChildGuard {
+        let mut cmd = match netns {
+            // `ip netns exec` execs the program: the child's pid stays the controller's.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("postern-controller"));
+                c
+            }
+            None => Command::new(bin("postern-controller")),
+        };
         cmd.arg("--db")
             .arg(db)
             .arg("serve")
@@ -107,8 +143,30 @@ impl Controller {
     }
 
     /// Waits until the socket accepts a connection (a stale socket file left by a killed
-    /// controller does not count).
+    /// controller does not count) and, with `--gateway-listen`, until this start logged
+    /// `gateway channel listening on`.
     fn wait_serving(&mut self) {
+        self.wait_socket();
+        if self.serve_args.iter().any(|a| a == "--gateway-listen") {
+            let starts = self.starts;
+            let ready = poll(READY_TIMEOUT, Duration::from_millis(10), || {
+                (self
+                    .log_text()
+                    .matches("gateway channel listening on")
+                    .count()
+                    >= starts)
+                    .then_some(())
+            });
+            if ready.is_none() {
+                panic!(
+                    "postern-controller logged no `gateway channel listening on` within {READY_TIMEOUT:?}:\n{}",
+                    self.log_text()
+                );
+            }
+        }
+    }
+
+    fn wait_socket(&mut self) {
         let ready = poll(READY_TIMEOUT, Duration::from_millis(10), || {
             if let Some(status) = self.child.exited() {
                 panic!(
@@ -149,7 +207,14 @@ impl Controller {
             self.child.exited().is_some(),
             "Controller::restart: the controller is still running (kill it first)"
         );
-        self.child = Controller::spawn_serve(&self.db, &self.socket, &self.log, &self.serve_args);
+        self.starts += 1;
+        self.child = Controller::spawn_serve(
+            self.netns.as_deref(),
+            &self.db,
+            &self.socket,
+            &self.log,
+            &self.serve_args,
+        );
         self.wait_serving();
     }
 
@@ -217,6 +282,18 @@ impl Controller {
     /// `device revoke NAME_OR_ID`.
     pub fn revoke(&self, name_or_id: &str) {
         self.admin(&["device", "revoke", name_or_id]);
+    }
+
+    /// `gateway add NAME --json`: the one-time enrollment token for a remote gateway.
+    pub fn gateway_token(&self, name: &str) -> String {
+        let out = self.admin(&["gateway", "add", name, "--json"]);
+        let json: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| {
+            panic!("`gateway add {name} --json` printed no JSON ({e}): {out:?}")
+        });
+        json["token"]
+            .as_str()
+            .unwrap_or_else(|| panic!("`gateway add {name} --json` has no token: {json}"))
+            .to_owned()
     }
 }
 
@@ -376,6 +453,13 @@ pub struct GatewayOptions {
     /// `true` (default): [`Gateway::start`] waits for a `sync` audit line (a snapshot from
     /// the controller). `false`: only for the `start` line (e.g. the controller is down).
     pub wait_for_sync: bool,
+    /// `Some("HOST:PORT")`: the config says `controller = ...` (TLS control channel)
+    /// instead of `controller_socket`.
+    pub controller_tls: Option<String>,
+    /// With `controller_tls`: [`Gateway::start`] runs `postern-gateway enroll --token T`
+    /// in the gateway namespace before `run` (`None`: the state dir is already enrolled,
+    /// or deliberately not).
+    pub enroll_token: Option<String>,
 }
 
 impl GatewayOptions {
@@ -392,8 +476,30 @@ impl GatewayOptions {
             clock_offset_file: None,
             extra_config: String::new(),
             wait_for_sync: true,
+            controller_tls: None,
+            enroll_token: None,
         }
     }
+}
+
+/// `postern-gateway status --config CONFIG --json`: (exit code, parsed JSON). Reads the
+/// status file only (no connection), so it runs in the test's own namespace.
+pub fn gateway_status(config: &Path) -> (i32, Value) {
+    let out = Command::new(bin("postern-gateway"))
+        .arg("status")
+        .arg("--config")
+        .arg(config)
+        .arg("--json")
+        .output()
+        .expect("run postern-gateway status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let json = serde_json::from_str(text.trim()).unwrap_or_else(|e| {
+        panic!(
+            "`postern-gateway status --json` printed no JSON ({e}): {text:?} / {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap_or(-1), json)
 }
 
 /// `postern-gateway run` inside the lab's gateway namespace.
@@ -474,7 +580,7 @@ impl Gateway {
              interface = \"any\"\n\
              spa_port = {spa_port}\n\
              listen = \"::\"\n\
-             controller_socket = {socket:?}\n\
+             {controller}\n\
              audit_log = {audit:?}\n\
              max_skew_secs = {skew}\n\
              pinhole_secs = {pinhole}\n\
@@ -486,7 +592,13 @@ impl Gateway {
             key = key_file.display().to_string(),
             capture = options.capture.as_str(),
             spa_port = options.spa_port,
-            socket = ctl.socket().display().to_string(),
+            controller = match &options.controller_tls {
+                Some(address) => format!("controller = {address:?}"),
+                None => format!(
+                    "controller_socket = {:?}",
+                    ctl.socket().display().to_string()
+                ),
+            },
             audit = audit_log.display().to_string(),
             skew = options.max_skew_secs,
             pinhole = options.pinhole_secs,
@@ -496,6 +608,16 @@ impl Gateway {
             extra = options.extra_config,
         );
         std::fs::write(&config, toml).expect("write gateway config");
+        if let Some(token) = &options.enroll_token {
+            let mut enroll = lab.command_in(&lab.gateway, bin("postern-gateway"));
+            enroll
+                .arg("enroll")
+                .arg("--config")
+                .arg(&config)
+                .arg("--token")
+                .arg(token);
+            run_ok(&mut enroll);
+        }
 
         // `env` execs the gateway, so the child's pid stays the gateway's.
         let mut cmd = Command::new("env");

@@ -558,6 +558,42 @@ pub fn echo_roundtrip(
     Ok(())
 }
 
+/// Connects from `ns` to `addr`, retrying for up to 2 s (a pinhole that was just opened
+/// may take a moment to reach the kernel).
+pub fn connect_soon(ns: &Netns, addr: SocketAddr) -> TcpStream {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        match tcp_connect(ns, addr, Duration::from_millis(50)) {
+            Ok(s) => return s,
+            Err(e) if std::time::Instant::now() >= deadline => {
+                panic!("no connection to {addr} within 2 s: {e}")
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Probes a live echo flow (100 ms per probe) until a round trip fails, and returns the
+/// time from `since` to that failure. Panics after `limit` with `what()` describing the
+/// trigger and any diagnostics.
+pub fn wait_flow_dead(
+    stream: &mut TcpStream,
+    since: std::time::Instant,
+    limit: Duration,
+    what: &dyn Fn() -> String,
+) -> Duration {
+    loop {
+        if echo_roundtrip(stream, b"x", Duration::from_millis(100)).is_err() {
+            return since.elapsed();
+        }
+        assert!(
+            since.elapsed() < limit,
+            "the live flow still carries data {limit:?} after {}",
+            what()
+        );
+    }
+}
+
 fn echo_loop(listener: TcpListener, stop: Arc<AtomicBool>) {
     let mut conns: Vec<JoinHandle<()>> = Vec::new();
     while !stop.load(Ordering::SeqCst) {

@@ -9,17 +9,18 @@
 //! only to craft packets).
 
 pub mod burst;
+pub mod cut;
 pub mod fixtures;
 pub mod forward_lab;
 pub mod lab;
 pub mod netns;
 
 pub use fixtures::{
-    knock_cli, knock_cli_ok, knock_cli_with, seal_knock, seal_knock_with_reply_key, Capture,
-    Controller, Device, Gateway, GatewayOptions, InProcessDevice,
+    gateway_status, knock_cli, knock_cli_ok, knock_cli_with, seal_knock, seal_knock_with_reply_key,
+    Capture, Controller, Device, Gateway, GatewayOptions, InProcessDevice,
 };
 pub use lab::{
-    bin, check_prerequisites, echo_roundtrip, poll, record_timing, tcp_connect, unix_ms,
-    ChildGuard, Lab, Netns,
+    bin, check_prerequisites, connect_soon, echo_roundtrip, poll, record_timing, tcp_connect,
+    unix_ms, wait_flow_dead, ChildGuard, Lab, Netns,
 };
 pub use netns::run_in;

@@ -15,11 +15,10 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use postern_e2e::{
-    bin, echo_roundtrip, knock_cli_ok, poll, tcp_connect, Capture, Controller, Device, Gateway,
+    echo_roundtrip, knock_cli_ok, poll, tcp_connect, Capture, Controller, Device, Gateway,
     GatewayOptions, Lab,
 };
 use serde_json::Value;
@@ -28,26 +27,12 @@ const APP: &str = "web";
 const APP_PORT: u16 = 8080;
 const USER: &str = "alice";
 const DECISION_TIMEOUT: Duration = Duration::from_secs(3);
-/// The gateway retries the controller with a backoff capped at 5 s.
+/// The gateway retries the controller with a backoff capped at 10 s (jittered).
 const RESYNC_TIMEOUT: Duration = Duration::from_secs(12);
 
 /// `postern-gateway status --config CONFIG --json`: (exit code, parsed JSON).
 fn status(config: &Path) -> (i32, Value) {
-    let out = Command::new(bin("postern-gateway"))
-        .arg("status")
-        .arg("--config")
-        .arg(config)
-        .arg("--json")
-        .output()
-        .expect("run postern-gateway status");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let json = serde_json::from_str(text.trim()).unwrap_or_else(|e| {
-        panic!(
-            "`postern-gateway status --json` printed no JSON ({e}): {text:?} / {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (out.status.code().unwrap_or(-1), json)
+    postern_e2e::gateway_status(config)
 }
 
 /// Polls `status` until `want` holds for it (the daemon rewrites the file every second).

@@ -114,6 +114,11 @@ fn sync_messages_corpus() {
 }
 
 #[test]
+fn control_messages_corpus() {
+    replay("control_messages");
+}
+
+#[test]
 fn key_text_corpus() {
     replay("key_text");
 }

@@ -262,3 +262,71 @@ fn access_ends_at_report_expiry_even_with_the_controller_gone() {
     ));
     assert_closed_then_denied(&lab, &mut gw, &dev, "access_expired", 2);
 }
+
+/// Writes `policy` next to the controller's database and applies it with the CLI.
+fn apply_policy_text(ctl: &Controller, policy: &str) {
+    let file = ctl.dir().join("policy-source-networks.toml");
+    std::fs::write(&file, policy).expect("write the policy file");
+    let applied = ctl.admin(&["policy", "apply", file.to_str().expect("utf-8 temp path")]);
+    assert!(applied.contains("applied policy sha256"), "{applied}");
+}
+
+/// `web` for alice, only from `network`.
+fn source_network_policy(network: &str) -> String {
+    format!(
+        r#"
+[[rule]]
+name = "web-from-{tag}"
+effect = "allow"
+apps = ["web"]
+users = ["alice"]
+source_networks = ["{network}"]
+"#,
+        tag = if network.starts_with("192.0.2.") {
+            "elsewhere"
+        } else {
+            "lab"
+        }
+    )
+}
+
+/// Source networks are decided at the gateway with the knock's source address (local
+/// decisions): a rule allowing only the client's lab subnet admits; after the admin
+/// narrows it to another network the live flow stops (the gateway re-evaluates its
+/// sessions on the new snapshot) and the next knock is refused with `policy_denied`.
+#[test]
+fn source_networks_admit_the_lab_subnet_and_refuse_other_sources() {
+    let (lab, ctl, dev) = one_device_lab();
+    let client_ip = lab.client_addr(false);
+    let std::net::IpAddr::V4(v4) = client_ip else {
+        panic!("the lab's client v4 address is IPv4: {client_ip}")
+    };
+    let [a, b, c, _] = v4.octets();
+    apply_policy_text(&ctl, &source_network_policy(&format!("{a}.{b}.{c}.0/24")));
+    let mut gw = Gateway::start(&lab, &ctl, long_session_options());
+    let mut stream = knock_and_talk(&lab, &gw, &dev, "from the allowed lab subnet");
+    let line = gw.wait_knock(client_ip, 1, DECISION_TIMEOUT);
+    assert_eq!(decision(&line), (Some("allow"), Some("granted")), "{line}");
+
+    let revision = gw.synced_revision().expect("gateway synced once");
+    apply_policy_text(&ctl, &source_network_policy("192.0.2.0/24"));
+    gw.wait_sync_after(revision, Duration::from_secs(5));
+    let took = wait_flow_dead(&mut stream, Duration::from_secs(3), "the narrowed policy");
+    record_timing(&format!(
+        "source network narrowed -> flow dead: {:.0} ms",
+        took.as_secs_f64() * 1000.0
+    ));
+    assert_closed_then_denied(&lab, &mut gw, &dev, "registry_change", 2);
+    // The audit line says which rule and check refused it.
+    let line = gw.wait_knock(client_ip, 2, DECISION_TIMEOUT);
+    let why = line["policy"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("web-from-elsewhere") && why.contains("source_networks"),
+        "{line}"
+    );
+    assert_dark(
+        &lab,
+        SocketAddr::new(lab.gateway_addr(false), APP_PORT),
+        "after a knock from outside the allowed network",
+    );
+}

@@ -5,12 +5,12 @@
 //! carries data in both directions (so a reply from the app cannot revive the flow: the
 //! TCP loose-pickup pitfall of DESIGN §4). Must not touch anything outside its lab.
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use postern_e2e::{
-    echo_roundtrip, knock_cli_ok, record_timing, tcp_connect, Capture, Controller, Device, Gateway,
-    GatewayOptions, Lab,
+    connect_soon, echo_roundtrip, knock_cli_ok, record_timing, tcp_connect, wait_flow_dead,
+    Capture, Controller, Device, Gateway, GatewayOptions, Lab,
 };
 
 const APP: &str = "web";
@@ -41,7 +41,7 @@ fn revoke_kills_the_live_flow(mode: Capture) {
     // Both devices share the client host (same address): the pinhole is per address, so
     // the bystander's own session must survive the other device's revocation.
     knock_cli_ok(&lab, &gw, &dev, APP, gw_ip);
-    let mut stream = connect_soon(&lab, app);
+    let mut stream = connect_soon(&lab.client, app);
     echo_roundtrip(&mut stream, b"before the revoke", Duration::from_secs(1))
         .expect("the flow carries data before the revoke");
 
@@ -51,17 +51,9 @@ fn revoke_kills_the_live_flow(mode: Capture) {
     gw.wait_sync_after(revision, Duration::from_secs(5));
 
     // The flow must stop within a bounded time; probe until it does.
-    let deadline = revoked_at + Duration::from_secs(3);
-    let dead_after = loop {
-        if echo_roundtrip(&mut stream, b"x", Duration::from_millis(100)).is_err() {
-            break revoked_at.elapsed();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the live flow still carries data 3 s after `device revoke` \
-             (pinhole {PINHOLE_SECS} s, session {SESSION_SECS} s not expired)"
-        );
-    };
+    let dead_after = wait_flow_dead(&mut stream, revoked_at, Duration::from_secs(3), &|| {
+        format!("`device revoke` (pinhole {PINHOLE_SECS} s, session {SESSION_SECS} s not expired)")
+    });
     record_timing(&format!(
         "revoke->flow dead [{}]: {:.0} ms (controller write to the first failed echo, 100 ms probe)",
         mode.as_str(),
@@ -91,22 +83,12 @@ fn revoke_kills_the_live_flow(mode: Capture) {
     // The revoked device's next knock is refused; the bystander still gets in.
     knock_cli_ok(&lab, &gw, &dev, APP, gw_ip);
     knock_cli_ok(&lab, &gw, &bystander, APP, gw_ip);
-    let mut other = connect_soon(&lab, app);
+    let mut other = connect_soon(&lab.client, app);
     echo_roundtrip(&mut other, b"bystander", Duration::from_secs(1))
         .expect("another enrolled device is unaffected by the revocation");
 }
 
 /// Connects from the client namespace, retrying for up to 2 s (the knock is asynchronous).
-fn connect_soon(lab: &Lab, app: SocketAddr) -> TcpStream {
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
-        match tcp_connect(&lab.client, app, Duration::from_millis(50)) {
-            Ok(s) => return s,
-            Err(e) if Instant::now() >= deadline => panic!("no connection to {app}: {e}"),
-            Err(_) => {}
-        }
-    }
-}
 
 #[test]
 fn sniff_revoke_kills_the_live_flow() {

@@ -4,6 +4,8 @@
 //! Owns: test scaffolding only. Must not touch: anything outside the test's tempdir.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod gateway;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};

@@ -6,7 +6,8 @@
 //! the traffic it sends: only from inside the lab's client namespace to the lab's gateway
 //! namespace. Every loop is bounded in count and time. Prints one table on stdout.
 //! Rows 1-3 live here; rows 4 (`forwarding`), 5 (`revoke`), 6 (`memory`), fwknop's rows 2-3
-//! (`fwknop_rate`) and the perf profile (`profile`) in their modules.
+//! (`fwknop_rate`), the perf profile (`profile`) and issue 4's live-flow cuts (`cut`) in
+//! their modules.
 //! Must not touch: the root namespace's interfaces, routes or firewall, anything outside
 //! its temp directories. Not part of `scripts/test` (CI budget).
 #![allow(unsafe_code)] // the sub-millisecond connect probe and sendmmsg (module `sys`).
@@ -21,6 +22,7 @@ use postern_e2e::{
 };
 use postern_protocol::keys::GatewayPublicKey;
 
+mod cut;
 mod forwarding;
 mod fwknop_rate;
 mod memory;
@@ -127,13 +129,7 @@ struct Samples {
 
 impl Samples {
     fn pct(&self, p: f64) -> f64 {
-        if self.ms.is_empty() {
-            return f64::NAN;
-        }
-        let mut v = self.ms.clone();
-        v.sort_by(f64::total_cmp);
-        let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
-        v[i.min(v.len() - 1)]
+        postern_e2e::cut::percentile(&self.ms, p)
     }
 }
 
@@ -533,7 +529,7 @@ const USAGE: &str =
     "usage: postern-bench [--trials 50] [--secs 10] [--rate 15000] [--devices 200] \
 [--flood-pps 120000] [--revoke-trials 50] [--pinholes 100000] [--iperf-secs 5] \
 [--mem-devices 100000] [--mem-rate 4000] [--fwknop-rate 300] [--fwknop-secs 5] \
-[--only latency,sustained,flood,fwknop,profile,forwarding,revoke,memory]";
+[--cut-trials 50] [--only latency,sustained,flood,fwknop,profile,forwarding,revoke,memory,cut]";
 
 const PHASES: &[&str] = &[
     "latency",
@@ -544,6 +540,7 @@ const PHASES: &[&str] = &[
     "forwarding",
     "revoke",
     "memory",
+    "cut",
 ];
 
 fn usage_error(msg: &str) -> ! {
@@ -567,6 +564,7 @@ impl Args {
             "--mem-rate",
             "--fwknop-rate",
             "--fwknop-secs",
+            "--cut-trials",
             "--only",
         ];
         let mut i = 0;
@@ -641,6 +639,7 @@ fn main() {
     let mem_rate = args.num("--mem-rate", 4000) as usize;
     let fwknop_rate = args.num("--fwknop-rate", 300) as usize;
     let fwknop_secs = args.num("--fwknop-secs", 5);
+    let cut_trials = args.num("--cut-trials", 50) as usize;
     let phases = args.phases();
     let run = |p: &str| phases.contains(&p);
     for (tool, pkg) in [
@@ -879,6 +878,10 @@ fn main() {
             m.pinholes_sampled
         ));
         eprintln!("{}", rows.last().map(String::as_str).unwrap_or_default());
+    }
+    if run("cut") {
+        eprintln!("(issue 4) live flow cut by each trigger, {cut_trials} trials per trigger");
+        rows.extend(cut::live_cut(&lab, cut_trials));
     }
 
     println!("| measurement | system | p50 / rate | p99 / offered | notes |");
