@@ -217,7 +217,7 @@ impl Registry {
             crate::audit::record(
                 &tx,
                 actor,
-                "session_kill",
+                "session.kill",
                 &target.to_string(),
                 serde_json::json!({
                     "gateway": target.gateway,

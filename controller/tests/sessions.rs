@@ -135,7 +135,7 @@ fn kill_stores_the_kill_bumps_the_revision_reaches_snapshots_and_is_audited() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|r| r["action"] == "session_kill")
+        .find(|r| r["action"] == "session.kill")
         .expect("a session_kill audit row");
     assert_eq!(row["subject"], "edge-1:0a1b2c");
     assert_eq!(row["detail"]["user"], "alice");
@@ -209,7 +209,7 @@ fn a_kill_through_the_running_controller_reaches_a_waiting_gateway() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|r| r["action"] == "session_kill")
+        .find(|r| r["action"] == "session.kill")
         .map(|r| r["actor"].as_str().unwrap().to_owned())
         .unwrap();
     assert!(actor.starts_with("admin"), "{actor}");

@@ -102,12 +102,17 @@ impl AuditLog {
     }
 
     fn write(&self, line: &Value) {
+        // Rendered whole first: formatting straight into the unbuffered file would issue
+        // one write(2) per JSON token, and a line must reach the file in one piece (one
+        // O_APPEND write) so concurrent writers and a crash never interleave or tear it.
+        let mut bytes = line.to_string().into_bytes();
+        bytes.push(b'\n');
         let mut out = match self.out.lock() {
             Ok(o) => o,
             Err(poisoned) => poisoned.into_inner(),
         };
         // An audit line that cannot be written is reported on stderr; the decision stands.
-        if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+        if let Err(e) = out.write_all(&bytes).and_then(|()| out.flush()) {
             tracing::error!(error = %e, "audit log write failed");
         }
     }
