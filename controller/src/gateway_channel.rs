@@ -46,6 +46,13 @@ use crate::validate;
 pub const HISTORY: usize = 64;
 /// Open stream connections (TLS and Unix socket together); more get `busy`.
 pub const MAX_CHANNELS: usize = 256;
+/// Connections from keys that are not registered (enrollment, refusals): their own small
+/// pool, so unauthenticated peers can never take the registered gateways' slots.
+pub const MAX_UNREGISTERED: usize = 16;
+/// TLS handshakes in progress at once; a connection beyond it is closed unanswered.
+pub const MAX_HANDSHAKES: usize = 64;
+/// Sessions reports from one channel are stored at most this often.
+pub const REPORT_INTERVAL: Duration = Duration::from_millis(200);
 /// A heartbeat is sent after this long without any message to the gateway.
 pub const HEARTBEAT_AFTER: Duration = Duration::from_secs(5);
 /// A gateway that sends nothing for this long is treated as dead.
@@ -118,11 +125,16 @@ struct Shared {
     /// Writes (session reports, contact times) and key lookups.
     registry: Mutex<Registry>,
     history: Mutex<History>,
+    /// The digest of the newest snapshot, by revision (see `newest_digest`).
+    digest_memo: Mutex<Option<(u64, Arc<str>)>>,
     /// The newest snapshot (`None` until first read).
     current: watch::Sender<Option<Arc<Snapshot>>>,
     /// Registered, not removed gateways: name -> key SHA-256.
     active_keys: watch::Sender<Arc<HashMap<String, String>>>,
     slots: Arc<Semaphore>,
+    /// Slots for connections whose key is not registered ([`MAX_UNREGISTERED`]).
+    unregistered_slots: Arc<Semaphore>,
+    handshakes: Arc<Semaphore>,
     stop: Arc<AtomicBool>,
     read_silence: Duration,
 }
@@ -181,9 +193,12 @@ impl GatewayChannel {
         let shared = Arc::new(Shared {
             registry: Mutex::new(registry),
             history: Mutex::new(History::default()),
+            digest_memo: Mutex::new(None),
             current: watch::Sender::new(None),
             active_keys: watch::Sender::new(Arc::new(keys)),
             slots: Arc::new(Semaphore::new(MAX_CHANNELS)),
+            unregistered_slots: Arc::new(Semaphore::new(MAX_UNREGISTERED)),
+            handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
             stop,
             read_silence: cfg.read_silence,
         });
@@ -285,6 +300,19 @@ async fn serve_unix(
             &format!("hello.name: {e}"),
         )
         .await;
+    }
+    let remote = {
+        let name = name.clone();
+        with_registry(&shared, move |reg| reg.is_remote_gateway(&name)).await?
+    };
+    if !matches!(remote, Ok(false)) {
+        let message = match remote {
+            Ok(_) => format!(
+                "hello.name {name:?} belongs to a remote gateway (`postern-controller gateway list`): set another `name` in this gateway's config"
+            ),
+            Err(e) => format!("cannot check hello.name against the registry: {e}"),
+        };
+        return refuse(&mut write, reader, "bad_request", &message).await;
     }
     let Ok(permit) = Arc::clone(&shared.slots).try_acquire_owned() else {
         return refuse(&mut write, reader, "busy", BUSY_MESSAGE).await;
@@ -527,10 +555,15 @@ async fn accept_loop(
                 }
             },
         };
+        let Ok(handshake) = Arc::clone(&shared.handshakes).try_acquire_owned() else {
+            debug!(%peer, "too many TLS handshakes in progress; closing one unanswered");
+            drop(tcp);
+            continue;
+        };
         let acceptor = acceptor.clone();
         let shared = Arc::clone(&shared);
         tokio::spawn(async move {
-            if let Err(e) = serve_tls(shared, acceptor, tcp, peer).await {
+            if let Err(e) = serve_tls(shared, acceptor, tcp, peer, handshake).await {
                 debug!(%peer, error = %e, "gateway TLS connection ended");
             }
         });
@@ -542,8 +575,11 @@ async fn serve_tls(
     acceptor: tokio_rustls::TlsAcceptor,
     tcp: tokio::net::TcpStream,
     addr: SocketAddr,
+    handshake: tokio::sync::OwnedSemaphorePermit,
 ) -> io::Result<()> {
-    let tls = match tokio::time::timeout(FIRST_LINE_TIMEOUT, acceptor.accept(tcp)).await {
+    let accepted = tokio::time::timeout(FIRST_LINE_TIMEOUT, acceptor.accept(tcp)).await;
+    drop(handshake);
+    let tls = match accepted {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             info!(peer = %addr, error = %e, "gateway TLS handshake failed");
@@ -566,7 +602,21 @@ async fn serve_tls(
         // The verifier requires a parseable certificate; this is a bug if reached.
         return refuse(&mut write, reader, "bad_request", "no client certificate").await;
     };
-    let permit = Arc::clone(&shared.slots).try_acquire_owned();
+    // The key is known from the handshake: only registered, active keys may take one of the
+    // gateways' slots (the first line, which may take up to 10 s, comes after).
+    let registered = {
+        let key = key.clone();
+        matches!(
+            with_registry(&shared, move |reg| reg.gateway_by_key(&key)).await?,
+            Ok(KeyLookup::Active(_))
+        )
+    };
+    let pool = if registered {
+        &shared.slots
+    } else {
+        &shared.unregistered_slots
+    };
+    let permit = Arc::clone(pool).try_acquire_owned();
     let Ok(_permit) = permit else {
         warn!(peer = %addr, "too many gateway connections; refusing one");
         return refuse(&mut write, reader, "busy", BUSY_MESSAGE).await;
@@ -786,11 +836,19 @@ where
             warn!(gateway = %peer.name, error = %e, "cannot record the gateway's connection");
         }
     }
-    let (line, mut held) = opening_line(&shared, hello.after_revision, &newest)?;
+    let (line, mut held) = opening_line(
+        &shared,
+        hello.after_revision,
+        hello.digest.as_deref(),
+        &newest,
+    )?;
     let mut result = write_line(&mut write, &line).await;
     held_revision.store(held.revision, Ordering::Relaxed);
     let mut last_sent = tokio::time::Instant::now();
     let mut keys = shared.active_keys.subscribe();
+    // A receiver starts with the current map marked as seen: a removal between the key
+    // lookup and here would never fire `changed()`. Check once at the top of the loop.
+    keys.mark_changed();
     let mut reason = "controller stopping".to_owned();
     while result.is_ok() && !shared.stop.load(Ordering::Relaxed) {
         let heartbeat_at = last_sent + HEARTBEAT_AFTER;
@@ -907,9 +965,12 @@ async fn still_registered(shared: &Arc<Shared>, peer: &Peer) -> bool {
 fn opening_line(
     shared: &Shared,
     after: Option<u64>,
+    digest: Option<&str>,
     newest: &Arc<Snapshot>,
 ) -> io::Result<(Arc<[u8]>, Arc<Snapshot>)> {
-    if after == Some(newest.revision) {
+    if after == Some(newest.revision)
+        && digest.is_none_or(|d| d == newest_digest(shared, newest).as_ref())
+    {
         let line = message_line(&ControllerMessage::Heartbeat(Heartbeat {
             revision: newest.revision,
             at_ms: now_ms(),
@@ -930,6 +991,22 @@ fn opening_line(
         _ => full_line(shared, newest)?,
     };
     Ok((line, Arc::clone(newest)))
+}
+
+/// `delta::digest` of `newest`, computed once per revision (it reads every record).
+fn newest_digest(shared: &Shared, newest: &Snapshot) -> Arc<str> {
+    let mut memo = shared
+        .digest_memo
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    match &*memo {
+        Some((rev, d)) if *rev == newest.revision => Arc::clone(d),
+        _ => {
+            let d: Arc<str> = delta::digest(newest).into();
+            *memo = Some((newest.revision, Arc::clone(&d)));
+            d
+        }
+    }
 }
 
 /// A delta from `held` to `newest`, or the full snapshot if `newest` is older (a
@@ -1040,6 +1117,7 @@ async fn read_reports<R: AsyncBufRead + Unpin>(
     held_revision: Arc<std::sync::atomic::AtomicU64>,
     end: oneshot::Sender<ReadEnd>,
 ) {
+    let mut last_store: Option<tokio::time::Instant> = None;
     let outcome = loop {
         let line = match tokio::time::timeout(
             shared.read_silence,
@@ -1060,6 +1138,12 @@ async fn read_reports<R: AsyncBufRead + Unpin>(
             }
             Err(msg) => break ReadEnd::Bad(msg),
         };
+        // At most one stored report per REPORT_INTERVAL per channel (gateways send at most
+        // 5 per second): a peer sending faster is slowed down by TCP, not by the database.
+        if let Some(at) = last_store {
+            tokio::time::sleep_until(at + REPORT_INTERVAL).await;
+        }
+        last_store = Some(tokio::time::Instant::now());
         let (name2, revision) = (name.clone(), held_revision.load(Ordering::Relaxed));
         let count = report.sessions.len();
         let stored = with_registry(&shared, move |reg| {

@@ -309,6 +309,16 @@ impl Registry {
         })
     }
 
+    /// Whether `name` belongs to a remote gateway (`gateway add`, removed or not): a local
+    /// (Unix socket) gateway may not report under it.
+    pub fn is_remote_gateway(&self, name: &str) -> Result<bool, RegistryError> {
+        Ok(self
+            .conn
+            .query_row("SELECT 1 FROM gateways WHERE name = ?1", [name], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
     /// Every registered, not removed gateway's (name, key SHA-256): what the channel may
     /// keep open.
     pub fn active_gateway_keys(&self) -> Result<Vec<(String, String)>, RegistryError> {
@@ -445,6 +455,20 @@ impl Registry {
     ) -> Result<(), SessionReportError> {
         check_report(report)?;
         let tx = self.write_tx()?;
+        // A removed gateway's channel may still deliver a report before it is closed: its
+        // rows stay deleted (`remove_gateway` cleared them).
+        let removed: bool = tx
+            .query_row(
+                "SELECT removed FROM gateways WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(RegistryError::from)?
+            .unwrap_or(false);
+        if removed {
+            return Ok(());
+        }
         tx.execute("DELETE FROM live_sessions WHERE gateway = ?1", [name])
             .map_err(RegistryError::from)?;
         {

@@ -159,12 +159,16 @@ const MIGRATIONS: &[&str] = &[
     );
 
     -- `session kill`: the gateway named closes that session when it sees the row in a
-    -- snapshot (`Snapshot::kills`, rows younger than a day).
+    -- snapshot (`Snapshot::kills`, rows younger than a day). `opened_at_ms` is the listed
+    -- session's opening time as the gateway reported it (its own clock): the gateway
+    -- matches on it exactly. NULL for a `--force` kill of an unlisted session (the
+    -- gateway then matches on `killed_at`, the controller's clock).
     CREATE TABLE session_kills (
         gateway   TEXT NOT NULL CHECK (length(gateway) BETWEEN 1 AND 64),
         session   INTEGER NOT NULL CHECK (session BETWEEN 1 AND 16777215),
         killed_at INTEGER NOT NULL,
         actor     TEXT NOT NULL,
+        opened_at_ms INTEGER CHECK (opened_at_ms IS NULL OR opened_at_ms >= 0),
         PRIMARY KEY (gateway, session, killed_at)
     );
     "#,

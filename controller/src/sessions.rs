@@ -111,8 +111,14 @@ pub struct KillOutcome {
     pub id: String,
     pub gateway: String,
     pub session: u32,
-    /// Unix seconds: sessions opened after this are not killed.
+    /// Unix seconds (the controller's clock): without `opened_at_ms`, sessions opened
+    /// after this are not killed.
     pub at: u64,
+    /// The listed session's opening time as its gateway reported it (the gateway's
+    /// clock): the gateway kills only the session with this id and this opening time.
+    /// None for a `--force` kill of an unlisted session.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub opened_at_ms: Option<u64>,
     /// The session was in `live_sessions` (false only with `--force`).
     pub listed: bool,
     /// The same kill was already stored this second; nothing changed.
@@ -191,12 +197,12 @@ impl Registry {
         now_secs: u64,
     ) -> Result<KillOutcome, SessionError> {
         let (tx, actor) = self.write_tx_as()?;
-        let listed: Option<(String, String, String)> = tx
+        let listed: Option<(String, String, String, i64)> = tx
             .query_row(
-                "SELECT device_name, user, app FROM live_sessions
+                "SELECT device_name, user, app, opened_at_ms FROM live_sessions
                  WHERE gateway = ?1 AND session = ?2",
                 params![target.gateway, target.session],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
             .optional()?;
         if listed.is_none() && !force {
@@ -204,13 +210,15 @@ impl Registry {
         }
         prune_kills(&tx, now_secs)?;
         let at = i64::try_from(now_secs).unwrap_or(i64::MAX);
+        let opened_at_ms = listed.as_ref().map(|l| l.3);
         let inserted = tx.execute(
-            "INSERT OR IGNORE INTO session_kills (gateway, session, killed_at, actor)
-             VALUES (?1, ?2, ?3, ?4)",
-            params![target.gateway, target.session, at, actor],
+            "INSERT OR IGNORE INTO session_kills (gateway, session, killed_at, actor, opened_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![target.gateway, target.session, at, actor, opened_at_ms],
         )?;
+        let opened_at_ms = opened_at_ms.map(to_u64);
         let (device_name, user, app) = match listed.clone() {
-            Some((d, u, a)) => (Some(d), Some(u), Some(a)),
+            Some((d, u, a, _)) => (Some(d), Some(u), Some(a)),
             None => (None, None, None),
         };
         if inserted == 1 {
@@ -223,6 +231,7 @@ impl Registry {
                     "gateway": target.gateway,
                     "session": target.session,
                     "at": now_secs,
+                    "opened_at_ms": opened_at_ms,
                     "listed": listed.is_some(),
                     "device_name": device_name,
                     "user": user,
@@ -239,6 +248,7 @@ impl Registry {
             gateway: target.gateway.clone(),
             session: target.session,
             at: now_secs,
+            opened_at_ms,
             listed: listed.is_some(),
             already_killed: inserted == 0,
             revision: to_u64(revision),
@@ -257,7 +267,8 @@ pub(crate) fn snapshot_kills(
 ) -> Result<Vec<SessionKill>, RegistryError> {
     let since = i64::try_from(now_secs.saturating_sub(KILL_RETENTION_SECS)).unwrap_or(i64::MAX);
     let mut stmt = conn.prepare(
-        "SELECT gateway, session, killed_at FROM session_kills WHERE killed_at >= ?1
+        "SELECT gateway, session, killed_at, opened_at_ms FROM session_kills
+         WHERE killed_at >= ?1
          ORDER BY killed_at DESC, gateway, session LIMIT ?2",
     )?;
     let limit = i64::try_from(MAX_SESSION_KILLS).unwrap_or(i64::MAX);
@@ -266,6 +277,7 @@ pub(crate) fn snapshot_kills(
             gateway: r.get(0)?,
             session: r.get(1)?,
             at: to_u64(r.get(2)?),
+            opened_at_ms: r.get::<_, Option<i64>>(3)?.map(to_u64),
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)

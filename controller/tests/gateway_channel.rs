@@ -166,6 +166,24 @@ fn enrolled_gateway_gets_a_snapshot_then_deltas_and_resumes() {
     let v = g.hello(Some(held.revision));
     assert_eq!(v["heartbeat"]["revision"], held.revision, "{v}");
     drop(g);
+    // Same revision, same content (the digest says so): a heartbeat too; same revision
+    // with other content (a controller restored from a backup that wrote its way back
+    // to this revision): a full snapshot, never "nothing new".
+    let mut g = TlsGateway::connect(c.addr, &fp, &id).unwrap();
+    g.send(
+        &json!({"hello": {"version": 1, "after_revision": held.revision,
+                              "digest": delta::digest(&held)}}),
+    );
+    let v = g.recv();
+    assert_eq!(v["heartbeat"]["revision"], held.revision, "{v}");
+    drop(g);
+    let mut g = TlsGateway::connect(c.addr, &fp, &id).unwrap();
+    g.send(
+        &json!({"hello": {"version": 1, "after_revision": held.revision,
+                              "digest": delta::digest(&first_snapshot)}}),
+    );
+    assert_eq!(snapshot_of(&g.recv()), held);
+    drop(g);
     // Resume from an older revision still in memory: a delta from it.
     let mut g = TlsGateway::connect(c.addr, &fp, &id).unwrap();
     let d = delta_of(&g.hello(Some(first_snapshot.revision)));
@@ -395,6 +413,19 @@ fn unix_socket_hello_streams_the_same_protocol() {
         .as_bytes(),
     );
     wait_sessions(&c, "local", &[(4, "192.0.2.7")]);
+    // A remote gateway's name is not available to a local one (its rows would mix).
+    c.add_gateway("edge-remote", &[]);
+    let mut squatter = Client::connect(&c.socket);
+    squatter.send_raw(b"{\"hello\":{\"version\":1,\"name\":\"edge-remote\"}}\n");
+    let v = squatter.recv().unwrap();
+    assert_eq!(error_code(&v), "bad_request", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("belongs to a remote gateway"),
+        "{v}"
+    );
     unnamed.send_raw(b"{\"hello\":{\"version\":1}}\n");
     let v = unnamed.recv().unwrap();
     assert_eq!(error_code(&v), "bad_request", "{v}");
@@ -521,4 +552,26 @@ fn connections_beyond_the_cap_get_busy() {
         assert!(Instant::now() < deadline, "slot not freed");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn unregistered_peers_cannot_take_the_gateways_slots() {
+    let c = ChannelController::start();
+    let fp = c.cert_sha256();
+    let id = enrolled(&c, "edge-1");
+    // Peers with keys nobody registered complete the handshake and then say nothing:
+    // each holds a slot of the small unregistered pool for up to 10 s.
+    let mut idle = Vec::new();
+    for _ in 0..16 {
+        idle.push(TlsGateway::connect(c.addr, &fp, &GatewayIdentity::generate()).unwrap());
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let mut extra = TlsGateway::connect(c.addr, &fp, &GatewayIdentity::generate()).unwrap();
+    extra.set_read_timeout(Duration::from_secs(5));
+    let v = extra.recv();
+    assert_eq!(error_code(&v), "busy", "{v}");
+    // The registered gateway is not affected.
+    let mut g = TlsGateway::connect(c.addr, &fp, &id).unwrap();
+    snapshot_of(&g.hello(None));
+    drop(idle);
 }

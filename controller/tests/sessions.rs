@@ -113,6 +113,14 @@ fn kill_stores_the_kill_bumps_the_revision_reaches_snapshots_and_is_audited() {
     let (_dir, db) = tempdir();
     seeded(&db);
     let before = Registry::open(&db).unwrap().revision().unwrap();
+    let listed = json(&ok(&db, &["session", "list", "--json"]));
+    let opened_at_ms = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == "edge-1:0a1b2c")
+        .map(|r| r["opened_at_ms"].as_u64().unwrap())
+        .unwrap();
     let out = ok(&db, &["session", "kill", "edge-1:0A1B2C"]);
     assert!(
         out.starts_with("killed session edge-1:0a1b2c (device \"alice-laptop\""),
@@ -129,6 +137,11 @@ fn kill_stores_the_kill_bumps_the_revision_reaches_snapshots_and_is_audited() {
     );
     let age = now_ms() / 1000 - i64::try_from(kills[0].at).unwrap();
     assert!((0..=5).contains(&age), "kill time is now: {age} s ago");
+    assert_eq!(
+        kills[0].opened_at_ms,
+        Some(opened_at_ms),
+        "the kill carries the listed session's opening time as the gateway reported it"
+    );
 
     let audit = json(&ok(&db, &["audit", "list", "--json"]));
     let row = audit
@@ -145,6 +158,7 @@ fn kill_stores_the_kill_bumps_the_revision_reaches_snapshots_and_is_audited() {
     let o = json(&ok(&db, &["session", "kill", "edge-2:7", "--json"]));
     assert_eq!(o["id"], "edge-2:000007");
     assert_eq!(o["revision"], before + 2);
+    assert!(o["opened_at_ms"].is_u64(), "{o}");
 }
 
 #[test]
@@ -185,6 +199,17 @@ fn malformed_and_unlisted_ids_are_refused_with_one_line_unless_forced() {
         "{out}"
     );
     assert_eq!(Registry::open(&db).unwrap().revision().unwrap(), before + 1);
+    let kills = Registry::open(&db)
+        .unwrap()
+        .snapshot()
+        .unwrap()
+        .kills
+        .unwrap();
+    assert_eq!(
+        (kills[0].session, kills[0].opened_at_ms),
+        (6, None),
+        "a forced kill of an unlisted session has no opening time"
+    );
     let (code, _, err) = run(&db, &["session", "kill", "--help"]);
     assert_eq!(code, 0, "{err}");
 }
@@ -204,6 +229,7 @@ fn a_kill_through_the_running_controller_reaches_a_waiting_gateway() {
     let kills = &next["snapshot"]["kills"];
     assert_eq!(kills[0]["gateway"], "edge-1", "{next}");
     assert_eq!(kills[0]["session"], 5, "{next}");
+    assert!(kills[0]["opened_at_ms"].is_u64(), "{next}");
     let audit = json(&ok(&db, &["audit", "list", "--json"]));
     let actor = audit
         .as_array()

@@ -18,7 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use postern_protocol::control::{
-    ControllerMessage, GatewayMessage, Hello, SessionReport, MAX_LINE, MAX_REPORTED_SESSIONS,
+    ControllerMessage, GatewayMessage, Hello, SessionReport, MAX_GATEWAY_LINE, MAX_LINE,
+    MAX_REPORTED_SESSIONS,
 };
 use postern_protocol::delta;
 use postern_protocol::snapshot::Snapshot;
@@ -110,6 +111,8 @@ struct LineReader {
     buf: Vec<u8>,
     /// Bytes of `buf` already known to hold no newline.
     scanned: usize,
+    /// When bytes last arrived (a long line in transit is not silence).
+    last_bytes: Option<Instant>,
 }
 
 impl LineReader {
@@ -122,6 +125,7 @@ impl LineReader {
         match r.read(&mut chunk) {
             Ok(0) => Err(StreamError::Closed),
             Ok(n) => {
+                self.last_bytes = Some(Instant::now());
                 self.buf.extend_from_slice(&chunk[..n]);
                 match self.take_line() {
                     Some(line) => Ok(Some(line)),
@@ -139,7 +143,12 @@ impl LineReader {
     }
 
     fn take_line(&mut self) -> Option<Vec<u8>> {
-        let pos = self.buf[self.scanned..].iter().position(|&b| b == b'\n')? + self.scanned;
+        let Some(found) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') else {
+            // Scan each byte once: a long line arriving in many reads stays linear.
+            self.scanned = self.buf.len();
+            return None;
+        };
+        let pos = found + self.scanned;
         let rest = self.buf.split_off(pos + 1);
         let mut line = std::mem::replace(&mut self.buf, rest);
         line.truncate(pos);
@@ -190,6 +199,10 @@ pub fn follow(
         &GatewayMessage::Hello(Hello {
             version: 1,
             after_revision: held.after_revision(),
+            digest: held
+                .after_revision()
+                .and(held.snapshot.as_ref())
+                .map(postern_protocol::delta::digest),
             name: ctx.name.clone(),
         }),
     )?;
@@ -207,7 +220,8 @@ pub fn follow(
             pacer.last_sent = Some(Instant::now());
         }
         let Some(line) = lines.poll_line(stream)? else {
-            if last_line.elapsed() >= ctx.silence_limit {
+            let heard = lines.last_bytes.map_or(last_line, |t| t.max(last_line));
+            if heard.elapsed() >= ctx.silence_limit {
                 return Err(StreamError::Silent(ctx.silence_limit));
             }
             continue;
@@ -258,7 +272,18 @@ pub fn follow(
 }
 
 fn report(list: &[postern_protocol::control::LiveSession]) -> GatewayMessage {
-    let kept = list.len().min(MAX_REPORTED_SESSIONS);
+    // Bounded by count and by the controller's line limit (with room for the envelope):
+    // a report the controller would refuse would cost the whole channel.
+    let budget = MAX_GATEWAY_LINE - 64 * 1024;
+    let mut bytes = 0usize;
+    let mut kept = 0usize;
+    for s in list.iter().take(MAX_REPORTED_SESSIONS) {
+        bytes += serde_json::to_vec(s).map_or(usize::MAX / 2, |v| v.len() + 1);
+        if bytes > budget {
+            break;
+        }
+        kept += 1;
+    }
     GatewayMessage::Sessions(SessionReport {
         at_ms: unix_ms(),
         sessions: list[..kept].to_vec(),
@@ -375,6 +400,10 @@ mod tests {
         ]);
         let mut lines = LineReader::default();
         assert_eq!(lines.poll_line(&mut r).expect("partial"), None);
+        // Each byte is scanned once (a long line in many reads stays linear), and bytes
+        // without a newline still count as hearing from the controller.
+        assert_eq!(lines.scanned, 4);
+        assert!(lines.last_bytes.is_some());
         assert_eq!(lines.poll_line(&mut r).expect("timeout"), None);
         assert_eq!(
             lines.poll_line(&mut r).expect("line").as_deref(),

@@ -173,6 +173,7 @@ mod tests {
             gateway: gateway.into(),
             session,
             at: 100,
+            opened_at_ms: Some(99_000),
         };
         let view = vec![kill("edge-1", 5), kill("edge-2", 5), kill("edge-1", 6)];
         let fresh = r.fresh_kills(&view);

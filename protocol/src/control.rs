@@ -55,6 +55,12 @@ pub struct Hello {
     /// nothing, send a full snapshot.
     #[serde(default)]
     pub after_revision: Option<u64>,
+    /// `delta::digest` of the snapshot held at `after_revision`: the controller answers
+    /// "nothing new" (a heartbeat) only when its snapshot at that revision has this digest
+    /// (a restored controller may reach the same revision with other content), else it
+    /// sends a full snapshot. Absent (old gateways): the revision alone decides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
     /// Local (Unix socket) gateways only: the name they report sessions under (the TLS
     /// channel takes the name from the registered certificate and ignores this).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -153,6 +159,7 @@ mod tests {
         let hello = GatewayMessage::Hello(Hello {
             version: 1,
             after_revision: Some(7),
+            digest: None,
             name: None,
         });
         let text = serde_json::to_string(&hello).expect("serializable");

@@ -371,6 +371,7 @@ mod tests {
             gateway: "local".into(),
             session: 7,
             at: 9,
+            opened_at_ms: Some(8_500),
         }]);
         let delta = diff(&old, &new);
         assert!(matches!(

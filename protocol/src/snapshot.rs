@@ -121,9 +121,17 @@ pub struct SessionKill {
     pub gateway: String,
     /// The gateway's session id (1..=0xFF_FFFF).
     pub session: u32,
-    /// When the kill was ordered (unix seconds): a session opened after it is not killed
+    /// When the kill was ordered (unix seconds, the controller's clock). Used to match
+    /// only when `opened_at_ms` is absent: a session opened after it is not killed
     /// (session ids are reused).
     pub at: u64,
+    /// The killed session's `opened_at_ms` as the gateway itself reported it (the
+    /// gateway's clock), when the session was listed. When present the gateway kills
+    /// only the session with this id AND exactly this opening time: independent of clock
+    /// skew between hosts, and a later session reusing the id is spared. Absent for a
+    /// `--force` kill of an unlisted session (and in snapshots from older controllers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opened_at_ms: Option<u64>,
 }
 
 /// At most this many denial hints travel in one snapshot.
@@ -475,6 +483,19 @@ mod tests {
             r#"{"name":"w","protocol":"tcp","port":1,"forward":"db.internal:80"}"#
         )
         .is_err());
+    }
+
+    #[test]
+    fn a_kills_opened_at_ms_is_optional_on_the_wire() {
+        // Old JSON (no `opened_at_ms`) still parses, and a kill without one writes none.
+        let old = r#"{"gateway":"edge-1","session":5,"at":100}"#;
+        let kill: SessionKill = serde_json::from_str(old).expect("old session kill");
+        assert_eq!(kill.opened_at_ms, None);
+        assert_eq!(serde_json::to_string(&kill).expect("serialize"), old);
+        let new = r#"{"gateway":"edge-1","session":5,"at":100,"opened_at_ms":99123}"#;
+        let kill: SessionKill = serde_json::from_str(new).expect("new session kill");
+        assert_eq!(kill.opened_at_ms, Some(99_123));
+        assert_eq!(serde_json::to_string(&kill).expect("serialize"), new);
     }
 
     #[test]

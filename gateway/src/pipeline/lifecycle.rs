@@ -179,18 +179,24 @@ impl SessionTable {
             .collect()
     }
 
-    /// Kills `session` if it is live and opened at or before `at_secs` (unix seconds):
-    /// a session opened after the kill reuses the id and is spared.
-    fn kill(&mut self, session: u32, at_secs: u64, now_ms: u64) -> bool {
-        let opened_in_time = self
+    /// Kills the session `kill` names if it is live and is the one the kill meant: with
+    /// the kill's `opened_at_ms` (this gateway's own clock, as it reported the session),
+    /// exactly that opening time, so clock skew between hosts does not matter and a
+    /// session reusing the id is spared; without it (a `--force` kill of an unlisted
+    /// session), opened at or before the kill's `at` (the controller's unix seconds).
+    fn kill(&mut self, kill: &SessionKill, now_ms: u64) -> bool {
+        let meant = self
             .records
-            .get(&session)
-            .is_some_and(|r| r.opened_at_ms / 1000 <= at_secs);
-        if opened_in_time {
-            self.forget(session);
-            self.retire(SessionId(session), close_reason::KILLED, now_ms);
+            .get(&kill.session)
+            .is_some_and(|r| match kill.opened_at_ms {
+                Some(opened_at_ms) => r.opened_at_ms == opened_at_ms,
+                None => r.opened_at_ms / 1000 <= kill.at,
+            });
+        if meant {
+            self.forget(kill.session);
+            self.retire(SessionId(kill.session), close_reason::KILLED, now_ms);
         }
-        opened_in_time
+        meant
     }
 
     /// Applies every kill for `gateway` (see [`SessionTable::kill`]); returns the killed ids.
@@ -203,7 +209,7 @@ impl SessionTable {
         kills
             .iter()
             .filter(|k| k.gateway == gateway)
-            .filter(|k| self.kill(k.session, k.at, now_ms))
+            .filter(|k| self.kill(k, now_ms))
             .map(|k| SessionId(k.session))
             .collect()
     }
@@ -266,8 +272,9 @@ impl KnockPipeline {
         self.sessions.sweep_expired(now_ms)
     }
 
-    /// Closes every live session that one of `kills` names for `gateway` and that opened
-    /// at or before the kill. Kills for other gateways are ignored; a kill already applied
+    /// Closes every live session that one of `kills` names for `gateway` (the same
+    /// opening time when the kill carries one, else opened at or before the kill: see
+    /// `SessionTable::kill`). Kills for other gateways are ignored; a kill already applied
     /// finds nothing (the session is gone, or its id now belongs to a later session).
     pub fn kill_sessions(
         &mut self,
@@ -425,7 +432,7 @@ mod tests {
     }
 
     #[test]
-    fn kills_close_sessions_opened_before_them_once_and_spare_a_reused_id() {
+    fn forced_kills_close_sessions_opened_before_them_once_and_spare_a_reused_id() {
         let mut t = SessionTable::default();
         let (s, _) = admit(&mut t, 1, "ssh", T0, 0x0a1b2c);
         let (other, _) = admit(&mut t, 2, "ssh", T0, 0x5);
@@ -435,6 +442,7 @@ mod tests {
             gateway: gateway.into(),
             session,
             at,
+            opened_at_ms: None,
         };
         // Another gateway's kill and a kill of an id that is not live: nothing.
         let kills = vec![kill("edge-2", 0x0a1b2c, at), kill("edge-1", 0x9, at)];
@@ -460,6 +468,45 @@ mod tests {
         assert_eq!((reused, renewed), (s, false));
         assert!(t.kill_matching(&kills, "edge-1", T0 + 31_000).is_empty());
         assert_eq!(t.live_list(T0 + 31_000).len(), 2);
+    }
+
+    #[test]
+    fn kills_with_an_opening_time_close_exactly_that_session_whatever_the_clocks() {
+        // This gateway's clock runs an hour ahead of the controller's: the kill's `at`
+        // (controller seconds) is before the session opened by this gateway's clock.
+        let ahead = 3_600_000;
+        let opened = T0 + ahead;
+        let mut t = SessionTable::default();
+        let (s, _) = admit(&mut t, 1, "ssh", opened, 0x0a1b2c);
+        events(&mut t);
+        let kill = |session: u32, opened_at_ms: u64| SessionKill {
+            gateway: "edge-1".into(),
+            session,
+            at: T0 / 1000 + 5,
+            opened_at_ms: Some(opened_at_ms),
+        };
+        // The same id opened at another time (a reuse, even within the same second): spared.
+        for other in [opened - 1, opened + 1, opened - 60_000] {
+            assert!(t
+                .kill_matching(&[kill(0x0a1b2c, other)], "edge-1", opened + 10)
+                .is_empty());
+        }
+        // Another id with the same opening time: spared.
+        assert!(t
+            .kill_matching(&[kill(0x5, opened)], "edge-1", opened + 10)
+            .is_empty());
+        assert_eq!(t.live_list(opened + 10).len(), 1);
+        // The exact (id, opening time) is killed although the clock is far ahead.
+        let exact = [kill(0x0a1b2c, opened)];
+        assert_eq!(t.kill_matching(&exact, "edge-1", opened + 20), vec![s]);
+        let (info, reason, _) = the_one_close(&mut t);
+        assert_eq!((info.session, reason), (s, "killed"));
+        // Applied once; a later session reusing the id is spared, even when it opens
+        // within the same second as the kill's `at`.
+        let (reused, renewed) = admit(&mut t, 1, "ssh", opened + 30, 0x0a1b2c);
+        assert_eq!((reused, renewed), (s, false));
+        assert!(t.kill_matching(&exact, "edge-1", opened + 40).is_empty());
+        assert_eq!(t.live_list(opened + 40).len(), 1);
     }
 
     #[test]
