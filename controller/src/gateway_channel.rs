@@ -1016,8 +1016,38 @@ fn update_line(shared: &Shared, held: &Snapshot, newest: &Arc<Snapshot>) -> io::
         return full_line(shared, newest);
     }
     memo_line(shared, Some(held.revision), newest.revision, || {
-        ControllerMessage::Delta(delta::diff(held, newest))
+        let d = delta::diff(held, newest);
+        if is_bulk(&d, newest) {
+            ControllerMessage::Snapshot(Snapshot::clone(newest))
+        } else {
+            ControllerMessage::Delta(d)
+        }
     })
+}
+
+/// A delta changing at least this many records, and more than a quarter of the new
+/// snapshot's, is sent as the full snapshot instead: the gateway parses a snapshot
+/// straight into records, while applying a delta goes through the whole base as JSON
+/// values and re-hashes every record (a bulk enrollment would cost it time and memory).
+const BULK_DELTA_RECORDS: usize = 1000;
+
+fn is_bulk(d: &delta::SnapshotDelta, newest: &Snapshot) -> bool {
+    let changed: usize = d
+        .changes
+        .values()
+        .map(|c| match c {
+            delta::FieldChange::Elements { remove, add } => remove.len() + add.len(),
+            delta::FieldChange::Set(_) | delta::FieldChange::Unset => 1,
+        })
+        .sum();
+    let records = newest.devices.len()
+        + newest.apps.len()
+        + newest.grants.len()
+        + newest.access.as_ref().map_or(0, Vec::len)
+        + newest.denials.as_ref().map_or(0, Vec::len)
+        + newest.kills.as_ref().map_or(0, Vec::len)
+        + newest.subjects.as_ref().map_or(0, Vec::len);
+    changed >= BULK_DELTA_RECORDS && changed.saturating_mul(4) > records
 }
 
 fn full_line(shared: &Shared, newest: &Arc<Snapshot>) -> io::Result<Arc<[u8]>> {
@@ -1234,6 +1264,35 @@ pub fn parse_line(line: &[u8]) -> Result<GatewayMessage, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn with_devices(revision: u64, n: usize) -> Snapshot {
+        let devices = (0..n)
+            .map(|i| crate::proto::snapshot::DeviceRecord {
+                id: format!("{i:032x}"),
+                name: format!("d{i}"),
+                user: "u".into(),
+                public_key: format!("ed25519:{i}"),
+                revoked: false,
+            })
+            .collect();
+        Snapshot {
+            revision,
+            devices,
+            ..Snapshot::default()
+        }
+    }
+
+    #[test]
+    fn bulk_changes_travel_as_a_full_snapshot() {
+        // A bulk enrollment onto a small registry: the full snapshot.
+        let (old, new) = (with_devices(1, 10), with_devices(2, 5000));
+        assert!(is_bulk(&delta::diff(&old, &new), &new));
+        // A handful of changes, or many changes in a much larger registry: a delta.
+        let (old, new) = (with_devices(1, 10), with_devices(2, 20));
+        assert!(!is_bulk(&delta::diff(&old, &new), &new));
+        let (old, new) = (with_devices(1, 20_000), with_devices(2, 21_500));
+        assert!(!is_bulk(&delta::diff(&old, &new), &new));
+    }
 
     #[tokio::test]
     async fn lines_are_capped_and_terminated() {
