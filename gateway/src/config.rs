@@ -230,7 +230,7 @@ impl Config {
         let field = |field: &'static str, message: String| ConfigError::Field {
             path: path.to_owned(),
             field,
-            message,
+            message: one_line(&message),
         };
         if raw.spa_port == 0 {
             return Err(field(
@@ -472,6 +472,25 @@ fn located(text: &str, span: Option<std::ops::Range<usize>>, message: &str) -> S
     }
 }
 
+/// `message` with every control character escaped (`\n` → `\\n`), so a value quoted
+/// back from the file (a path with a newline, say) cannot break the one-line error or
+/// forge a second log line.
+fn one_line(message: &str) -> String {
+    if !message.chars().any(char::is_control) {
+        return message.to_owned();
+    }
+    message
+        .chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 /// "tcp/22" -> (Tcp, 22).
 fn parse_port_spec(s: &str) -> Option<(AppProto, u16)> {
     let (proto, port) = s.split_once('/')?;
@@ -603,6 +622,21 @@ mod tests {
                 "{text:?} gave a multi-line error {err:?}"
             );
         }
+    }
+
+    #[test]
+    fn quoted_values_cannot_break_the_line() {
+        // Found by the gateway_config fuzz target (CI): a key_file path with a newline
+        // was echoed verbatim into the error.
+        let text = "key_file = \"a\\nb\\u001b[31m\"\ncontroller_socket = \"/c\"";
+        let err = Config::parse(text, Path::new("gw.toml"))
+            .expect_err("no such key file")
+            .to_string();
+        assert!(
+            !err.chars().any(char::is_control),
+            "control character in {err:?}"
+        );
+        assert!(err.contains("a\\nb\\u{1b}[31m"), "{err}");
     }
 
     #[test]
