@@ -52,10 +52,10 @@ impl AuditLog {
             "src": src.to_string(),
         });
         if let (Some(k), Value::Object(map)) = (decision.who(), &mut line) {
-            map.insert("device".into(), json!(k.device));
-            map.insert("device_name".into(), json!(k.device_name));
-            map.insert("user".into(), json!(k.user));
-            map.insert("app".into(), json!(k.app));
+            map.insert("device".into(), json!(&*k.device));
+            map.insert("device_name".into(), json!(&*k.device_name));
+            map.insert("user".into(), json!(&*k.user));
+            map.insert("app".into(), json!(&*k.app));
         }
         if let (
             Decision::Allow {

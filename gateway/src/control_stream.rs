@@ -2,8 +2,9 @@
 //! (docs/control-channel.md, "Stream").
 //!
 //! Owns: the `hello` with the held revision, reading the controller's lines (`snapshot`,
-//! `delta`, `heartbeat`, `error`), applying a delta to the held snapshot (base and digest
-//! checked by `delta::apply`), publishing each applied revision (registry view, sync
+//! `delta`, `heartbeat`, `error`), applying a delta to the snapshot in force (base and
+//! digest checked by `delta::apply`; the base is read back from `snapshot.json`, so the
+//! registry is held in memory once, as the indexed view), publishing each applied revision (registry view, sync
 //! state, `snapshot.json`, the `sync` audit line), the 15 s liveness limit, and sending the
 //! session board's list as `sessions` reports (after each change, at most 5 per second,
 //! at least every 30 s). Reading and writing share one thread: reads are polled with a
@@ -17,10 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use postern_protocol::control::{
-    ControllerMessage, GatewayMessage, Hello, SessionReport, MAX_GATEWAY_LINE, MAX_LINE,
-    MAX_REPORTED_SESSIONS,
-};
+use postern_protocol::control::{ControllerMessage, GatewayMessage, Hello, MAX_LINE};
 use postern_protocol::delta;
 use postern_protocol::snapshot::Snapshot;
 use serde_json::json;
@@ -66,26 +64,46 @@ impl From<std::io::Error> for StreamError {
     }
 }
 
-/// What the sync thread holds across connections.
+/// What the sync thread holds across connections. Not the snapshot itself: the delta
+/// base is `snapshot.json`, read back when a delta arrives (at 100,000 devices a parsed
+/// `Snapshot` is ~23 MB of heap that would sit beside the ~36 MB view; BENCHMARKS.md).
 #[derive(Debug, Default)]
 pub struct Held {
-    /// The snapshot in force (persisted at start, or the last applied): the delta base.
-    pub snapshot: Option<Snapshot>,
+    /// The revision in force (persisted at start, or the last applied).
+    pub revision: Option<u64>,
     /// The controller has sent or confirmed a revision since this process started.
     pub answered: bool,
-    /// The revision last written to `snapshot.json` by this process.
+    /// The revision `snapshot.json` holds (written by this process, or loaded at start).
     pub persisted: Option<u64>,
     /// The next `hello` asks for a full snapshot (after a delta could not be applied).
     pub force_full: bool,
 }
 
 impl Held {
-    /// What `hello.after_revision` says.
+    /// What `hello.after_revision` says: the revision in force, when a delta can be
+    /// applied to it (its file is there and no full snapshot was asked for).
     pub fn after_revision(&self) -> Option<u64> {
-        if self.force_full {
+        if self.force_full || self.persisted != self.revision {
             None
         } else {
-            self.snapshot.as_ref().map(|s| s.revision)
+            self.revision
+        }
+    }
+
+    /// The snapshot in force, read back from `state_dir/snapshot.json` (the delta base).
+    /// `Err` says why there is none (the caller then asks for a full snapshot).
+    fn base(&self, state_dir: &Path) -> Result<Snapshot, String> {
+        let Some(revision) = self.after_revision() else {
+            return Err("no snapshot is held to apply it to".into());
+        };
+        match crate::snapshot_file::load(state_dir) {
+            Ok(Some(p)) if p.snapshot.revision == revision => Ok(p.snapshot),
+            Ok(Some(p)) => Err(format!(
+                "the persisted snapshot holds revision {}, not {revision}",
+                p.snapshot.revision
+            )),
+            Ok(None) => Err("the persisted snapshot is gone".into()),
+            Err(e) => Err(e.to_string()),
         }
     }
 }
@@ -194,15 +212,23 @@ pub fn follow(
     held: &mut Held,
     delivered: &mut bool,
 ) -> Result<(), StreamError> {
+    // The digest names exactly the base deltas will be applied to; no readable base:
+    // ask for a full snapshot.
+    let digest = match held.base(ctx.state_dir) {
+        Ok(base) => Some(delta::digest(&base)),
+        Err(_) => {
+            if held.after_revision().is_some() {
+                held.force_full = true;
+            }
+            None
+        }
+    };
     send(
         stream,
         &GatewayMessage::Hello(Hello {
             version: 1,
             after_revision: held.after_revision(),
-            digest: held
-                .after_revision()
-                .and(held.snapshot.as_ref())
-                .map(postern_protocol::delta::digest),
+            digest,
             name: ctx.name.clone(),
         }),
     )?;
@@ -215,7 +241,9 @@ pub fn follow(
     while !ctx.stop.load(Ordering::Relaxed) {
         let (generation, list) = ctx.sessions.current();
         if pacer.due(generation, Instant::now()) {
-            send(stream, &report(&list))?;
+            let line = crate::session_board::report_line(&list, unix_ms());
+            drop(list);
+            stream.write_all(&line)?;
             pacer.sent_generation = Some(generation);
             pacer.last_sent = Some(Instant::now());
         }
@@ -227,28 +255,35 @@ pub fn follow(
             continue;
         };
         last_line = Instant::now();
-        let message: ControllerMessage = serde_json::from_slice(&line).map_err(|e| {
+        // Parsed in a scratch arena (heap.rs): the records of a full snapshot are garbage
+        // once the view is built from them.
+        let parsed = crate::heap::in_scratch_arena(|| serde_json::from_slice(&line));
+        let bytes = line.len();
+        drop(line);
+        let message: ControllerMessage = parsed.map_err(|e| {
             StreamError::Protocol(format!("a line that is not a control message: {e}"))
         })?;
         match message {
             ControllerMessage::Snapshot(snapshot) => {
                 held.force_full = false;
-                publish(ctx, held, snapshot, false, line.len());
+                publish(ctx, held, snapshot, false, bytes);
                 *delivered = true;
             }
             ControllerMessage::Delta(d) => {
-                let Some(base) = held.snapshot.as_ref() else {
+                let (from, to) = (d.from, d.to);
+                let held_now: &Held = held;
+                let applied = crate::heap::in_scratch_arena(|| {
+                    let base = held_now
+                        .base(ctx.state_dir)
+                        .map_err(|e| format!("a delta from revision {from} arrived but {e}"))?;
+                    delta::apply(&base, &d)
+                        .map_err(|e| format!("delta {from}→{to} not applied: {e}"))
+                });
+                let next = applied.map_err(|e| {
                     held.force_full = true;
-                    return Err(StreamError::Resync(format!(
-                        "a delta from revision {} arrived but no snapshot is held",
-                        d.from
-                    )));
-                };
-                let next = delta::apply(base, &d).map_err(|e| {
-                    held.force_full = true;
-                    StreamError::Resync(format!("delta {}→{} not applied: {e}", d.from, d.to))
+                    StreamError::Resync(e)
                 })?;
-                publish(ctx, held, next, true, line.len());
+                publish(ctx, held, next, true, bytes);
                 *delivered = true;
             }
             ControllerMessage::Heartbeat(hb) => {
@@ -271,36 +306,15 @@ pub fn follow(
     Ok(())
 }
 
-fn report(list: &[postern_protocol::control::LiveSession]) -> GatewayMessage {
-    // Bounded by count and by the controller's line limit (with room for the envelope):
-    // a report the controller would refuse would cost the whole channel.
-    let budget = MAX_GATEWAY_LINE - 64 * 1024;
-    let mut bytes = 0usize;
-    let mut kept = 0usize;
-    for s in list.iter().take(MAX_REPORTED_SESSIONS) {
-        bytes += serde_json::to_vec(s).map_or(usize::MAX / 2, |v| v.len() + 1);
-        if bytes > budget {
-            break;
-        }
-        kept += 1;
-    }
-    GatewayMessage::Sessions(SessionReport {
-        at_ms: unix_ms(),
-        sessions: list[..kept].to_vec(),
-        omitted: (list.len() - kept) as u64,
-    })
-}
-
 /// A heartbeat: the link is alive. When it names the held revision it also confirms the
 /// view (a persisted one becomes the controller's; the first confirmation is audited).
 fn confirm(ctx: &StreamContext<'_>, held: &mut Held, revision: u64) {
-    let Some(snapshot) = held.snapshot.as_ref() else {
+    let Some(held_revision) = held.revision else {
         return;
     };
-    if snapshot.revision != revision && !held.answered {
+    if held_revision != revision && !held.answered {
         return; // a delta or snapshot follows
     }
-    let held_revision = snapshot.revision;
     ctx.state.contact(held_revision, unix_ms());
     if !held.answered {
         held.answered = true;
@@ -324,7 +338,7 @@ fn publish(
     delta: bool,
     bytes: usize,
 ) {
-    let from = held.snapshot.as_ref().map(|s| s.revision);
+    let from = held.revision;
     let (next, warnings) = RegistryView::from_snapshot(&snapshot);
     for w in &warnings {
         tracing::warn!(revision = snapshot.revision, "{w}");
@@ -345,7 +359,9 @@ fn publish(
     held.answered = true;
     let persisted = persist(ctx.state_dir, &snapshot, held, first_answer);
     record["persisted"] = json!(persisted);
-    held.snapshot = Some(snapshot);
+    held.revision = Some(revision);
+    drop(snapshot);
+    crate::heap::release_free_memory();
     ctx.audit.event(unix_ms(), "sync", record);
 }
 
@@ -424,7 +440,7 @@ mod tests {
     use std::io::{BufRead, BufReader};
     use std::os::unix::net::UnixStream;
 
-    use postern_protocol::control::{ChannelError, Heartbeat, LiveSession};
+    use postern_protocol::control::{ChannelError, Heartbeat};
     use postern_protocol::snapshot::{AppProtocol, AppRecord};
 
     fn snapshot(revision: u64, apps: &[&str]) -> Snapshot {
@@ -566,11 +582,7 @@ mod tests {
         });
         assert!(matches!(result, Err(StreamError::Resync(_))), "{result:?}");
         assert!(delivered);
-        assert_eq!(
-            held.snapshot.as_ref(),
-            Some(&s2),
-            "the good delta was applied"
-        );
+        assert_eq!(held.revision, Some(2), "the good delta was applied");
         assert!(
             held.force_full && held.after_revision().is_none(),
             "next hello asks for a full snapshot"
@@ -606,12 +618,20 @@ mod tests {
         // As the daemon does at start: the persisted snapshot is in force already.
         h.view
             .store(Some(Arc::new(RegistryView::from_snapshot(&persisted).0)));
+        crate::snapshot_file::save(h.dir.path(), &persisted, 1).expect("persist");
         let mut held = Held {
-            snapshot: Some(persisted),
+            revision: Some(7),
+            persisted: Some(7),
             ..Held::default()
         };
-        let (result, delivered) = converse(&h, &mut held, |hello, _, w| {
+        let want_digest = delta::digest(&persisted);
+        let (result, delivered) = converse(&h, &mut held, move |hello, _, w| {
             assert_eq!(hello.after_revision, Some(7));
+            assert_eq!(
+                hello.digest,
+                Some(want_digest),
+                "the digest of the file's snapshot"
+            );
             w.write_all(
                 line(&ControllerMessage::Heartbeat(Heartbeat {
                     revision: 7,
@@ -646,6 +666,28 @@ mod tests {
     }
 
     #[test]
+    fn without_a_readable_base_file_the_hello_asks_for_a_full_snapshot() {
+        // The delta base is snapshot.json: gone, or holding another revision (a failed
+        // write removes it), the gateway must not claim a revision it cannot extend.
+        for file in [None, Some(snapshot(6, &["web"]))] {
+            let h = Harness::new();
+            if let Some(s) = &file {
+                crate::snapshot_file::save(h.dir.path(), s, 1).expect("persist");
+            }
+            let mut held = Held {
+                revision: Some(7),
+                persisted: Some(7),
+                ..Held::default()
+            };
+            let (result, _) = converse(&h, &mut held, |hello, _, _| {
+                assert_eq!((hello.after_revision, hello.digest), (None, None));
+            });
+            assert!(matches!(result, Err(StreamError::Closed)), "{result:?}");
+            assert!(held.force_full, "file {file:?}");
+        }
+    }
+
+    #[test]
     fn a_session_change_is_reported_while_the_controller_is_silent() {
         let h = Harness::new();
         let mut held = Held::default();
@@ -654,18 +696,7 @@ mod tests {
             let mut first = String::new();
             reader.read_line(&mut first).expect("first report");
             assert!(first.contains("\"sessions\":[]"), "{first}");
-            board.publish(vec![LiveSession {
-                session: 5,
-                device: "0".repeat(32),
-                device_name: "laptop".into(),
-                user: "alice".into(),
-                app: "web".into(),
-                source: "10.0.0.2".into(),
-                mode: "lease".into(),
-                opened_at_ms: 1,
-                renewed_at_ms: 1,
-                expires_at_ms: 2,
-            }]);
+            board.publish(vec![crate::session_board::tests::session(5)]);
             let t = Instant::now();
             let mut second = String::new();
             reader.read_line(&mut second).expect("second report");

@@ -45,6 +45,7 @@ const EXPIRY_SWEEP: Duration = Duration::from_secs(1);
 
 /// Runs the gateway until SIGINT or SIGTERM.
 pub fn run(cfg: &Config) -> Result<()> {
+    crate::heap::configure();
     let secret = keyfile::load(&cfg.key_file)?;
     // Before the firewall: a TLS gateway that is not enrolled cannot run.
     let transport = crate::sync::Transport::from_config(cfg)?;
@@ -167,8 +168,6 @@ struct PersistedAtStart {
     age_secs: Option<u64>,
     /// Why a file that exists was refused.
     error: Option<String>,
-    /// The loaded snapshot (the sync thread's delta base and `hello.after_revision`).
-    snapshot: Option<postern_protocol::snapshot::Snapshot>,
 }
 
 /// Loads the persisted snapshot into `view` (see snapshot_file.rs). A missing file leaves
@@ -185,7 +184,6 @@ fn load_persisted_snapshot(
         revision: None,
         age_secs: None,
         error,
-        snapshot: None,
     };
     match crate::snapshot_file::load(&cfg.state_dir) {
         Ok(None) => {
@@ -214,12 +212,13 @@ fn load_persisted_snapshot(
             state.set_view(registry.revision, SnapshotSource::Persisted);
             let revision = registry.revision;
             view.store(Some(Arc::new(registry)));
+            drop(p);
+            crate::heap::release_free_memory();
             PersistedAtStart {
                 source: SnapshotSource::Persisted.as_str(),
                 revision: Some(revision),
                 age_secs: Some(age_secs),
                 error: None,
-                snapshot: Some(p.snapshot),
             }
         }
     }
@@ -281,12 +280,12 @@ fn serve(
     .context("open the replay state (field `state_dir`)")?;
     // state_dir exists (0700) now. Decide from the last snapshot until the controller
     // answers; the sync thread asks for a full one first and replaces it.
-    let mut persisted = load_persisted_snapshot(cfg, &view, &sync_state);
+    let persisted = load_persisted_snapshot(cfg, &view, &sync_state);
     let sync = crate::sync::spawn(crate::sync::SyncContext {
         transport,
         state_dir: cfg.state_dir.clone(),
         view: Arc::clone(&view),
-        persisted: persisted.snapshot.take(),
+        persisted: persisted.revision,
         state: Arc::clone(&sync_state),
         audit: Arc::clone(audit),
         stop: Arc::clone(stop),
@@ -388,7 +387,7 @@ fn serve(
             Ok(auth) => pipeline.conclude(current.as_deref(), src, auth, now, &mut new_id),
             Err(dropped) => dropped,
         };
-        let span = tracing::info_span!("knock", %src, device = decision.who().map(|w| w.device.as_str()), app = decision.who().map(|w| w.app.as_str()));
+        let span = tracing::info_span!("knock", %src, device = decision.who().map(|w| &*w.device), app = decision.who().map(|w| &*w.app));
         let _entered = span.enter();
         if let Decision::Allow {
             pinhole,

@@ -27,6 +27,9 @@ use crate::clock::Clock;
 use crate::pipeline::{Authenticated, Decision, Opener};
 use crate::sync::SharedView;
 
+/// Verified results waiting for the decision thread, at most (see `Intake::start`).
+const MAX_RESULTS_BUFFERED: usize = 1024;
+
 /// The admission knobs (config fields of the same names, see docs/operations.md).
 #[derive(Debug, Clone, Copy)]
 pub struct IntakeLimits {
@@ -146,7 +149,11 @@ impl Intake {
             audit,
             clock,
         });
-        let (tx, results) = mpsc::sync_channel(limits.crypto_queue.max(16));
+        // Knocks wait in the fair queue (bounded by `crypto_queue`, dropped fairly when
+        // full); verified results only need a small buffer to the decision thread: a full
+        // one makes the crypto workers wait, which backs up into the fair queue. Each slot
+        // is ~250 bytes, allocated up front (`crypto_queue = 100000` here cost 25 MB).
+        let (tx, results) = mpsc::sync_channel(limits.crypto_queue.clamp(16, MAX_RESULTS_BUFFERED));
         let capture_error = Arc::new(Mutex::new(None));
         let mut threads = Vec::new();
         {

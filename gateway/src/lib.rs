@@ -15,6 +15,7 @@ pub mod control_stream;
 pub mod control_tls;
 pub mod daemon;
 pub mod forwarding;
+pub mod heap;
 pub mod intake;
 pub mod keyfile;
 pub mod local_policy;

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use postern_firewall::{AppProto, Pinhole, SessionId};
 use postern_protocol::keys::{DeviceId, GatewayKeyId, GatewaySecret};
@@ -25,10 +26,12 @@ pub use lifecycle::{close_reason, global_session_id, SessionEvent, SessionInfo};
 /// Who an authenticated knock came from and what it asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Who {
-    pub device: String,
-    pub device_name: String,
-    pub user: String,
-    pub app: String,
+    /// Device id, 32 hex digits.
+    pub device: Arc<str>,
+    /// Shared with the registry view (no copy per knock or per session).
+    pub device_name: Arc<str>,
+    pub user: Arc<str>,
+    pub app: Arc<str>,
 }
 
 /// The outcome of one datagram.
@@ -446,10 +449,10 @@ impl KnockPipeline {
             };
         };
         let who = Who {
-            device: device_id.to_string(),
-            device_name: device.name.clone(),
-            user: device.user.clone(),
-            app: knock.app.clone(),
+            device: device_id.to_string().into(),
+            device_name: view.device_name(device).into(),
+            user: view.device_user(device).into(),
+            app: knock.app.as_str().into(),
         };
         let deny = |reason: &'static str| Decision::Deny {
             reason,
@@ -472,7 +475,7 @@ impl KnockPipeline {
             return deny("unknown_app");
         };
         let addr = src.to_canonical();
-        let permit = match view.permit(&device_id, &device.user, &app.name, addr, now_ms) {
+        let permit = match view.permit(&device_id, &who.user, &app.name, addr, now_ms) {
             Ok(permit) => permit,
             Err(refusal) => {
                 let policy = match &refusal {
@@ -830,7 +833,7 @@ mod tests {
         let Decision::Close { session, who } = d else {
             panic!("expected close, got {d:?}")
         };
-        assert_eq!((session, who.app.as_str()), (pinhole.session, "ssh"));
+        assert_eq!((session, &*who.app), (pinhole.session, "ssh"));
         // Forgotten: a second close finds nothing, and the next knock is a new session.
         assert_eq!(
             f.run(&close(74, NOW + 30), &alice, NOW + 30).reason(),

@@ -17,13 +17,25 @@ use postern_protocol::snapshot::{
     AppRecord, DenialHint, SessionKill, Snapshot, MAX_DENIAL_HINTS, MAX_SESSION_KILLS,
 };
 
-/// An enrolled device as the gateway needs it.
+/// An enrolled device as the gateway needs it. Compact on purpose (issue 7: 100,000 of
+/// these must fit a small gateway): name and user are spans of the view's one text
+/// buffer ([`RegistryView::device_name`], [`RegistryView::device_user`]), not one heap
+/// block each: 100,000 small blocks left among the freed garbage of a snapshot load would
+/// pin that garbage's pages in memory. The parsed key (192 bytes: the point the
+/// signature check needs) is most of an entry.
 #[derive(Debug, Clone)]
 pub struct DeviceEntry {
-    pub name: String,
-    pub user: String,
+    name: TextSpan,
+    user: TextSpan,
     pub key: DevicePublicKey,
     pub revoked: bool,
+}
+
+/// A string stored in [`RegistryView`]'s text buffer.
+#[derive(Debug, Clone, Copy)]
+struct TextSpan {
+    start: u32,
+    len: u32,
 }
 
 /// Immutable, indexed registry state at one revision.
@@ -31,6 +43,8 @@ pub struct DeviceEntry {
 pub struct RegistryView {
     pub revision: u64,
     devices: HashMap<DeviceId, DeviceEntry>,
+    /// Device names and users, back to back (see [`DeviceEntry`]).
+    text: String,
     apps: HashMap<String, AppRecord>,
     grants: HashSet<(String, String)>,
     /// Policy mode: (device, app) -> `until` (unix seconds; `None` = no limit). `None`
@@ -108,6 +122,20 @@ impl RegistryView {
     pub fn from_snapshot(snapshot: &Snapshot) -> (RegistryView, Vec<String>) {
         let mut warnings = Vec::new();
         let mut devices = HashMap::with_capacity(snapshot.devices.len());
+        let mut text = String::new();
+        let mut users: HashMap<&str, TextSpan> = HashMap::new();
+        // A snapshot is bounded far below 4 GiB (MAX_LINE), so offsets fit in u32; past
+        // that a name would read as empty, never as another device's.
+        let store = |text: &mut String, s: &str| {
+            let span = TextSpan {
+                start: u32::try_from(text.len()).unwrap_or(u32::MAX),
+                len: u32::try_from(s.len()).unwrap_or(0),
+            };
+            if span.start != u32::MAX {
+                text.push_str(s);
+            }
+            span
+        };
         for d in &snapshot.devices {
             let key = match DevicePublicKey::from_text(&d.public_key) {
                 Ok(k) => k,
@@ -127,8 +155,10 @@ impl RegistryView {
             devices.insert(
                 id,
                 DeviceEntry {
-                    name: d.name.clone(),
-                    user: d.user.clone(),
+                    name: store(&mut text, &d.name),
+                    user: *users
+                        .entry(d.user.as_str())
+                        .or_insert_with(|| store(&mut text, &d.user)),
                     key,
                     revoked: d.revoked,
                 },
@@ -175,7 +205,9 @@ impl RegistryView {
             .policy
             .as_ref()
             .map(|text| LocalPolicy::new(text, snapshot.subjects.as_deref(), &mut warnings));
+        text.shrink_to_fit();
         let view = RegistryView {
+            text,
             local,
             revision: snapshot.revision,
             devices,
@@ -196,6 +228,21 @@ impl RegistryView {
 
     pub fn device(&self, id: &DeviceId) -> Option<&DeviceEntry> {
         self.devices.get(id)
+    }
+
+    /// `device`'s name.
+    pub fn device_name(&self, device: &DeviceEntry) -> &str {
+        self.span(device.name)
+    }
+
+    /// The user `device` is enrolled to.
+    pub fn device_user(&self, device: &DeviceEntry) -> &str {
+        self.span(device.user)
+    }
+
+    fn span(&self, s: TextSpan) -> &str {
+        let start = s.start as usize;
+        self.text.get(start..start + s.len as usize).unwrap_or("")
     }
 
     pub fn app(&self, name: &str) -> Option<&AppRecord> {

@@ -145,7 +145,7 @@ pub fn reply_for(
     else {
         return None;
     };
-    let app = who.app.as_str();
+    let app = &*who.app;
     let (message, remediation) = match *reason {
         "device_revoked" => (
             "this device has been revoked".to_owned(),
@@ -266,7 +266,7 @@ mod tests {
         Decision::Deny {
             reason,
             who: Who {
-                device: "00".repeat(16),
+                device: "00".repeat(16).into(),
                 device_name: "laptop".into(),
                 user: "alice".into(),
                 app: "ssh".into(),
@@ -310,7 +310,7 @@ mod tests {
     fn an_allow_is_acknowledged_only_when_asked() {
         let allow = Decision::Allow {
             who: Who {
-                device: "00".repeat(16),
+                device: "00".repeat(16).into(),
                 device_name: "laptop".into(),
                 user: "alice".into(),
                 app: "ssh".into(),

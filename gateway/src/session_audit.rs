@@ -114,10 +114,10 @@ pub fn lifecycle_fields(gateway: &str, event: &SessionEvent) -> Map<String, Valu
         "session_id",
         json!(global_session_id(gateway, info.session)),
     );
-    put("device", json!(info.who.device));
-    put("device_name", json!(info.who.device_name));
-    put("user", json!(info.who.user));
-    put("app", json!(info.who.app));
+    put("device", json!(&*info.who.device));
+    put("device_name", json!(&*info.who.device_name));
+    put("user", json!(&*info.who.user));
+    put("app", json!(&*info.who.app));
     put("source", json!(info.source.to_string()));
     put("opened_at_ms", json!(info.opened_at_ms));
     match event {
@@ -154,7 +154,7 @@ mod tests {
         SessionInfo {
             session: SessionId(0x00_0a_bc),
             who: Who {
-                device: "ab".repeat(16),
+                device: "ab".repeat(16).into(),
                 device_name: "laptop".into(),
                 user: "alice".into(),
                 app: "ssh".into(),

@@ -42,7 +42,7 @@ pub enum SnapshotFileError {
 }
 
 /// The file's content: the snapshot plus when it was saved.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Deserialize)]
 struct SnapshotFile {
     format: u32,
     saved_at_ms: u64,
@@ -57,12 +57,21 @@ pub struct Persisted {
     pub saved_at_ms: u64,
 }
 
+/// What [`save`] writes: [`SnapshotFile`] borrowing the snapshot (a clone would double
+/// the registry's heap for the length of the write).
+#[derive(Serialize)]
+struct SnapshotFileRef<'a> {
+    format: u32,
+    saved_at_ms: u64,
+    snapshot: &'a Snapshot,
+}
+
 /// Persists `snapshot` as `dir/snapshot.json` (see [`write_atomic`]).
 pub fn save(dir: &Path, snapshot: &Snapshot, now_ms: u64) -> io::Result<()> {
-    let file = SnapshotFile {
+    let file = SnapshotFileRef {
         format: FORMAT,
         saved_at_ms: now_ms,
-        snapshot: snapshot.clone(),
+        snapshot,
     };
     let bytes = serde_json::to_vec(&file).map_err(io::Error::other)?;
     write_atomic(dir, SNAPSHOT_FILE, &bytes)

@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use arc_swap::ArcSwapOption;
-use postern_protocol::snapshot::Snapshot;
 use serde_json::json;
 
 use crate::audit::AuditLog;
@@ -89,8 +88,9 @@ pub struct SyncContext {
     /// Where the last snapshot is persisted (`snapshot.json`).
     pub state_dir: PathBuf,
     pub view: SharedView,
-    /// The snapshot loaded from `snapshot.json` at start (already in `view`), if any.
-    pub persisted: Option<Snapshot>,
+    /// The revision loaded from `snapshot.json` at start (already in `view`), if any:
+    /// the file stays the delta base.
+    pub persisted: Option<u64>,
     pub state: Arc<SyncState>,
     pub audit: Arc<AuditLog>,
     pub stop: Arc<AtomicBool>,
@@ -158,10 +158,11 @@ pub fn spawn(ctx: SyncContext) -> JoinHandle<()> {
         .unwrap_or_else(|e| panic!("spawning the sync thread must succeed at start-up: {e}"))
 }
 
-fn run(mut ctx: SyncContext) {
+fn run(ctx: SyncContext) {
     let mut backoff = Backoff::new();
     let mut held = Held {
-        snapshot: ctx.persisted.take(),
+        revision: ctx.persisted,
+        persisted: ctx.persisted,
         ..Held::default()
     };
     let mut last_error: Option<String> = None;

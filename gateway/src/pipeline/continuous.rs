@@ -142,7 +142,8 @@ impl SessionTable {
         let (device, app, source) = key;
         let d = view.device(device).filter(|d| !d.revoked)?;
         view.app(app)?;
-        view.permit(device, &d.user, app, *source, now_ms).ok()
+        view.permit(device, view.device_user(d), app, *source, now_ms)
+            .ok()
     }
 
     /// Re-evaluates every session against a new `view` at `now_ms`: forgets and returns

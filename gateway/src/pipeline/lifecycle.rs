@@ -4,13 +4,13 @@
 //! opened/renewed times), the lifecycle events the daemon turns into `session_opened` /
 //! `session_renewed` / `session_closed` audit lines and session-board publications, the
 //! expiry sweep, admin kill matching (`Snapshot::kills`) and the live-session list
-//! (`control::LiveSession`). Pure logic: no clock reads, no firewall, no audit writer.
+//! (`session_board::BoardSession`). Pure logic: no clock reads, no firewall, no audit writer.
 //! Must not touch: the knock checks (pipeline.rs) or how a session id is chosen.
 
 use std::net::IpAddr;
 
+use crate::session_board::BoardSession;
 use postern_firewall::SessionId;
-use postern_protocol::control::LiveSession;
 use postern_protocol::snapshot::SessionKill;
 
 use super::{KnockPipeline, SessionTable, Who};
@@ -215,31 +215,19 @@ impl SessionTable {
     }
 
     /// Every session whose lease has not run out at `now_ms`, ordered by id.
-    fn live_list(&self, now_ms: u64) -> Vec<LiveSession> {
-        let mut list: Vec<LiveSession> = self
+    fn live_list(&self, now_ms: u64) -> Vec<BoardSession> {
+        let mut list: Vec<BoardSession> = self
             .records
             .iter()
             .filter_map(|(id, r)| {
                 let expires = self.expiry_of(*id).filter(|e| now_ms < *e)?;
-                Some(LiveSession {
-                    session: *id,
-                    device: r.who.device.clone(),
-                    device_name: r.who.device_name.clone(),
-                    user: r.who.user.clone(),
-                    app: r.who.app.clone(),
-                    source: r.source.to_string(),
-                    mode: self
-                        .terms
-                        .get(id)
-                        .map_or("lease", |t| t.hold.as_str())
-                        .to_owned(),
-                    opened_at_ms: r.opened_at_ms,
-                    renewed_at_ms: r.renewed_at_ms,
-                    expires_at_ms: expires,
+                Some(BoardSession {
+                    info: self.info(*id, r, expires),
+                    mode: self.terms.get(id).map_or("lease", |t| t.hold.as_str()),
                 })
             })
             .collect();
-        list.sort_unstable_by_key(|s| s.session);
+        list.sort_unstable_by_key(|s| s.info.session.0);
         list
     }
 }
@@ -286,7 +274,7 @@ impl KnockPipeline {
     }
 
     /// Every live session (lease not run out at `now_ms`), ordered by id.
-    pub fn live_session_list(&self, now_ms: u64) -> Vec<LiveSession> {
+    pub fn live_session_list(&self, now_ms: u64) -> Vec<BoardSession> {
         self.sessions.live_list(now_ms)
     }
 }
@@ -301,8 +289,8 @@ mod tests {
 
     fn who(device: u8, app: &str) -> Who {
         Who {
-            device: DeviceId([device; 16]).to_string(),
-            device_name: format!("dev{device}"),
+            device: DeviceId([device; 16]).to_string().into(),
+            device_name: format!("dev{device}").into(),
             user: "alice".into(),
             app: app.into(),
         }
@@ -368,7 +356,11 @@ mod tests {
             (info.opened_at_ms, info.renewed_at_ms, info.expires_at_ms),
             (T0, T0 + 2_000, T0 + 2_000 + TTL)
         );
-        let live = t.live_list(T0 + 3_000);
+        let live: Vec<_> = t
+            .live_list(T0 + 3_000)
+            .iter()
+            .map(BoardSession::to_live)
+            .collect();
         assert_eq!(live.len(), 1);
         assert_eq!(
             (
@@ -425,7 +417,7 @@ mod tests {
         assert_eq!(
             t.live_list(late + 1)
                 .iter()
-                .map(|s| s.session)
+                .map(|s| s.info.session.0)
                 .collect::<Vec<_>>(),
             vec![3]
         );
