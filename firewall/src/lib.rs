@@ -57,6 +57,102 @@ use crate::{
     ruleset::{FORWARDS4, FORWARDS6, PINHOLES4, PINHOLES6, SESSIONS},
 };
 
+/// Validates an `open` request; the two timeouts in ms.
+fn check_open(
+    p: &Pinhole,
+    pinhole_ttl: Duration,
+    session_ttl: Duration,
+) -> Result<(u64, u64), FirewallError> {
+    if p.session.0 == 0 || p.session.0 > elements::MAX_SESSION_ID {
+        return Err(FirewallError::Invalid(format!(
+            "session id {}: use 1..={} (the conntrack mark's top byte is Postern's tag)",
+            p.session.0,
+            elements::MAX_SESSION_ID
+        )));
+    }
+    if let Some(target) = p.forward {
+        check_forward(p.addr, target)?;
+    }
+    Ok((
+        ttl_ms(pinhole_ttl, "pinhole")?,
+        ttl_ms(session_ttl, "session")?,
+    ))
+}
+
+/// Which existing elements of the same key an `open` destroys first.
+#[derive(Debug, Clone, Copy, Default)]
+struct Replace {
+    /// The pinhole (it belongs to another session).
+    pinhole: bool,
+    /// The forward element (another target, or an owner we did not know about).
+    forward: bool,
+}
+
+/// The element operations of one `open`: the session element, the removals `replace`
+/// asks for, the forward element, the pinhole element.
+fn open_ops(
+    p: &Pinhole,
+    pin_ms: u64,
+    ses_ms: u64,
+    replace: Replace,
+) -> Vec<(&'static str, ElemOp)> {
+    let (map, key) = elements::pinhole_key(p.addr, p.proto, p.port);
+    let mark = elements::session_key(p.session.0);
+    let fwd_map = elements::forward_map(p.addr);
+    let mut ops: Vec<(&'static str, ElemOp)> = Vec::with_capacity(5);
+    ops.push((
+        SESSIONS,
+        ElemOp::Add {
+            key: mark.clone(),
+            data: None,
+            timeout_ms: ses_ms,
+        },
+    ));
+    if replace.pinhole {
+        ops.push((map, ElemOp::Destroy { key: key.clone() }));
+    }
+    if replace.forward {
+        ops.push((fwd_map, ElemOp::Destroy { key: key.clone() }));
+    }
+    // The forward element goes in before the pinhole: a connection the
+    // pinhole admits is always DNATed, never delivered to this host.
+    if let Some(target) = p.forward {
+        ops.push((
+            fwd_map,
+            ElemOp::Add {
+                key: key.clone(),
+                data: Some(elements::forward_data(target)),
+                timeout_ms: pin_ms,
+            },
+        ));
+    }
+    ops.push((
+        map,
+        ElemOp::Add {
+            key,
+            data: Some(mark),
+            timeout_ms: pin_ms,
+        },
+    ));
+    ops
+}
+
+/// The exact netlink bytes [`Firewall::open`] sends for a pinhole this process does not
+/// hold yet: one transaction (BATCH_BEGIN, the session element, the forward element when
+/// there is one, the pinhole element, BATCH_END) on `inet <table>`. Pure: no socket, no
+/// kernel; for benchmarks (`firewall/benches/encode.rs`) and tests.
+pub fn encode_open_batch(
+    table: &str,
+    p: &Pinhole,
+    pinhole_ttl: Duration,
+    session_ttl: Duration,
+) -> Result<Vec<u8>, FirewallError> {
+    let (pin_ms, ses_ms) = check_open(p, pinhole_ttl, session_ttl)?;
+    let ops = open_ops(p, pin_ms, ses_ms, Replace::default());
+    let mut seq = 0;
+    Ok(netlink::encode_batch(table, &ops, &mut seq).bytes)
+}
+
 /// Transport protocol of an app / pinhole.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -279,98 +375,30 @@ impl Firewall {
         pinhole_ttl: Duration,
         session_ttl: Duration,
     ) -> Result<(), FirewallError> {
-        if p.session.0 == 0 || p.session.0 > elements::MAX_SESSION_ID {
-            return Err(FirewallError::Invalid(format!(
-                "session id {}: use 1..={} (the conntrack mark's top byte is Postern's tag)",
-                p.session.0,
-                elements::MAX_SESSION_ID
-            )));
-        }
-        if let Some(target) = p.forward {
-            check_forward(p.addr, target)?;
-        }
-        let pin_ms = ttl_ms(pinhole_ttl, "pinhole")?;
-        let ses_ms = ttl_ms(session_ttl, "session")?;
+        let (pin_ms, ses_ms) = check_open(p, pinhole_ttl, session_ttl)?;
         let now = Instant::now();
         let pk: PinKey = (p.addr, p.proto, p.port);
-        let (map, key) = elements::pinhole_key(p.addr, p.proto, p.port);
-        let mark = elements::session_key(p.session.0);
-        let fwd_map = elements::forward_map(p.addr);
-
-        let mut ops: Vec<(&str, ElemOp)> = Vec::with_capacity(5);
-        ops.push((
-            SESSIONS,
-            ElemOp::Add {
-                key: mark.clone(),
-                data: None,
-                timeout_ms: ses_ms,
-            },
-        ));
         // Same key, other mark (or other forward target): the kernel would
         // answer EEXIST; replace it.
-        let known = self.pinholes.get(&pk).copied();
-        if matches!(known, Some((s, _, _)) if s != p.session) {
-            ops.push((map, ElemOp::Destroy { key: key.clone() }));
-        }
-        if matches!(known, Some((_, _, Some(old))) if p.forward != Some(old)) {
-            ops.push((fwd_map, ElemOp::Destroy { key: key.clone() }));
-        }
-        // The forward element goes in before the pinhole: a connection the
-        // pinhole admits is always DNATed, never delivered to this host.
-        if let Some(target) = p.forward {
-            ops.push((
-                fwd_map,
-                ElemOp::Add {
-                    key: key.clone(),
-                    data: Some(elements::forward_data(target)),
-                    timeout_ms: pin_ms,
-                },
-            ));
-        }
-        ops.push((
-            map,
-            ElemOp::Add {
-                key: key.clone(),
-                data: Some(mark.clone()),
-                timeout_ms: pin_ms,
-            },
-        ));
-        match self.sock.batch(&self.table, &ops) {
+        let known = self.pinholes.get(&pk);
+        let replace = Replace {
+            pinhole: matches!(known, Some((s, _, _)) if *s != p.session),
+            forward: matches!(known, Some((_, _, Some(old))) if p.forward != Some(*old)),
+        };
+        match self
+            .sock
+            .batch(&self.table, &open_ops(p, pin_ms, ses_ms, replace))
+        {
             Ok(()) => {}
             // A pinhole or forward of another owner we did not know about
             // (previous run, other process): destroy and add again, once.
             Err(FirewallError::Kernel { errno, .. }) if errno == libc::EEXIST => {
-                let mut retry = vec![
-                    (
-                        SESSIONS,
-                        ElemOp::Add {
-                            key: mark.clone(),
-                            data: None,
-                            timeout_ms: ses_ms,
-                        },
-                    ),
-                    (map, ElemOp::Destroy { key: key.clone() }),
-                    (fwd_map, ElemOp::Destroy { key: key.clone() }),
-                ];
-                if let Some(target) = p.forward {
-                    retry.push((
-                        fwd_map,
-                        ElemOp::Add {
-                            key: key.clone(),
-                            data: Some(elements::forward_data(target)),
-                            timeout_ms: pin_ms,
-                        },
-                    ));
-                }
-                retry.push((
-                    map,
-                    ElemOp::Add {
-                        key,
-                        data: Some(mark),
-                        timeout_ms: pin_ms,
-                    },
-                ));
-                self.sock.batch(&self.table, &retry)?;
+                let both = Replace {
+                    pinhole: true,
+                    forward: true,
+                };
+                self.sock
+                    .batch(&self.table, &open_ops(p, pin_ms, ses_ms, both))?;
             }
             Err(e) => return Err(e),
         }

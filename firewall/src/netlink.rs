@@ -101,8 +101,7 @@ impl NfSocket {
     }
 
     fn next_seq(&mut self) -> u32 {
-        self.seq = self.seq.wrapping_add(1);
-        self.seq
+        next_seq(&mut self.seq)
     }
 
     /// Sends one transaction (batch) of element operations on `table` and
@@ -115,85 +114,12 @@ impl NfSocket {
         if ops.is_empty() {
             return Ok(());
         }
-        let mut out = Vec::with_capacity(64 + ops.len() * 128);
-        let begin_seq = self.next_seq();
-        emit(
-            &mut out,
-            NLM_F_REQUEST,
+        let EncodedBatch {
+            bytes: out,
             begin_seq,
-            NetfilterMessage::new(
-                NetfilterHeader::new(NetfilterProtoFamily::Unspec, 0, NFNL_SUBSYS_NFTABLES),
-                ControlMessage::BatchBegin,
-            ),
-        );
-        let mut pending: Vec<(u32, usize)> = Vec::with_capacity(ops.len());
-        for (i, (set, op)) in ops.iter().enumerate() {
-            let seq = self.next_seq();
-            pending.push((seq, i));
-            let mut attrs = vec![
-                SetElementList::Table(table.to_owned()),
-                SetElementList::Set((*set).to_owned()),
-            ];
-            let (msg, flags, destroy) = match op {
-                ElemOp::Add {
-                    key,
-                    data,
-                    timeout_ms,
-                } => {
-                    let mut e = vec![SetElementAttribute::Key(DataAttribute::Value(key.clone()))];
-                    if let Some(d) = data {
-                        e.push(SetElementAttribute::Data(DataAttribute::Value(d.clone())));
-                    }
-                    // Expiration = timeout: on kernels >= 6.10 this is what makes a
-                    // NEWSETELEM on an existing element restart its countdown
-                    // (without it only a *changed* timeout is applied).
-                    e.push(SetElementAttribute::Timeout(*timeout_ms));
-                    e.push(SetElementAttribute::Expiration(*timeout_ms));
-                    attrs.push(SetElementList::Elements(vec![ListAttribute::Element(e)]));
-                    (
-                        NfTablesMessage::NewSetElement(SetElementMessage { attributes: attrs }),
-                        NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE,
-                        false,
-                    )
-                }
-                ElemOp::Destroy { key } => {
-                    let e = vec![SetElementAttribute::Key(DataAttribute::Value(key.clone()))];
-                    attrs.push(SetElementList::Elements(vec![ListAttribute::Element(e)]));
-                    (
-                        NfTablesMessage::DeleteSetElement(SetElementMessage { attributes: attrs }),
-                        NLM_F_REQUEST | NLM_F_ACK,
-                        true,
-                    )
-                }
-                ElemOp::Flush => (
-                    NfTablesMessage::DeleteSetElement(SetElementMessage { attributes: attrs }),
-                    NLM_F_REQUEST | NLM_F_ACK,
-                    false,
-                ),
-            };
-            let start = out.len();
-            emit(
-                &mut out,
-                flags,
-                seq,
-                NetfilterMessage::new(NetfilterHeader::new(NetfilterProtoFamily::Inet, 0, 0), msg),
-            );
-            if destroy {
-                // nlmsg_type is bytes 4..6 (host order): low byte = message, high = subsystem.
-                let ty = (NFNL_SUBSYS_NFTABLES << 8) | u16::from(NFT_MSG_DESTROYSETELEM);
-                out[start + 4..start + 6].copy_from_slice(&ty.to_ne_bytes());
-            }
-        }
-        let end_seq = self.next_seq();
-        emit(
-            &mut out,
-            NLM_F_REQUEST,
             end_seq,
-            NetfilterMessage::new(
-                NetfilterHeader::new(NetfilterProtoFamily::Unspec, 0, NFNL_SUBSYS_NFTABLES),
-                ControlMessage::BatchEnd,
-            ),
-        );
+            pending,
+        } = encode_batch(table, ops, &mut self.seq);
         self.send(&out, "sending an nftables batch")?;
 
         // Every message flagged NLM_F_ACK gets exactly one answer (0 or -errno);
@@ -350,6 +276,112 @@ impl NfSocket {
     }
 }
 
+/// One element transaction encoded for the kernel: BATCH_BEGIN, one message per op,
+/// BATCH_END, and the sequence numbers its acks will carry.
+#[derive(Debug)]
+pub(crate) struct EncodedBatch {
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) begin_seq: u32,
+    pub(crate) end_seq: u32,
+    /// (seq, index into `ops`) of every op, which each get one ack.
+    pub(crate) pending: Vec<(u32, usize)>,
+}
+
+fn next_seq(seq: &mut u32) -> u32 {
+    *seq = seq.wrapping_add(1);
+    *seq
+}
+
+/// Encodes `ops` on `table` as one transaction, numbering messages after `*seq` (pure:
+/// no socket; what [`NfSocket::batch`] sends).
+pub(crate) fn encode_batch(table: &str, ops: &[(&str, ElemOp)], seq: &mut u32) -> EncodedBatch {
+    let mut out = Vec::with_capacity(64 + ops.len() * 128);
+    let begin_seq = next_seq(seq);
+    emit(
+        &mut out,
+        NLM_F_REQUEST,
+        begin_seq,
+        NetfilterMessage::new(
+            NetfilterHeader::new(NetfilterProtoFamily::Unspec, 0, NFNL_SUBSYS_NFTABLES),
+            ControlMessage::BatchBegin,
+        ),
+    );
+    let mut pending: Vec<(u32, usize)> = Vec::with_capacity(ops.len());
+    for (i, (set, op)) in ops.iter().enumerate() {
+        let seq = next_seq(seq);
+        pending.push((seq, i));
+        let mut attrs = vec![
+            SetElementList::Table(table.to_owned()),
+            SetElementList::Set((*set).to_owned()),
+        ];
+        let (msg, flags, destroy) = match op {
+            ElemOp::Add {
+                key,
+                data,
+                timeout_ms,
+            } => {
+                let mut e = vec![SetElementAttribute::Key(DataAttribute::Value(key.clone()))];
+                if let Some(d) = data {
+                    e.push(SetElementAttribute::Data(DataAttribute::Value(d.clone())));
+                }
+                // Expiration = timeout: on kernels >= 6.10 this is what makes a
+                // NEWSETELEM on an existing element restart its countdown
+                // (without it only a *changed* timeout is applied).
+                e.push(SetElementAttribute::Timeout(*timeout_ms));
+                e.push(SetElementAttribute::Expiration(*timeout_ms));
+                attrs.push(SetElementList::Elements(vec![ListAttribute::Element(e)]));
+                (
+                    NfTablesMessage::NewSetElement(SetElementMessage { attributes: attrs }),
+                    NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE,
+                    false,
+                )
+            }
+            ElemOp::Destroy { key } => {
+                let e = vec![SetElementAttribute::Key(DataAttribute::Value(key.clone()))];
+                attrs.push(SetElementList::Elements(vec![ListAttribute::Element(e)]));
+                (
+                    NfTablesMessage::DeleteSetElement(SetElementMessage { attributes: attrs }),
+                    NLM_F_REQUEST | NLM_F_ACK,
+                    true,
+                )
+            }
+            ElemOp::Flush => (
+                NfTablesMessage::DeleteSetElement(SetElementMessage { attributes: attrs }),
+                NLM_F_REQUEST | NLM_F_ACK,
+                false,
+            ),
+        };
+        let start = out.len();
+        emit(
+            &mut out,
+            flags,
+            seq,
+            NetfilterMessage::new(NetfilterHeader::new(NetfilterProtoFamily::Inet, 0, 0), msg),
+        );
+        if destroy {
+            // nlmsg_type is bytes 4..6 (host order): low byte = message, high = subsystem.
+            let ty = (NFNL_SUBSYS_NFTABLES << 8) | u16::from(NFT_MSG_DESTROYSETELEM);
+            out[start + 4..start + 6].copy_from_slice(&ty.to_ne_bytes());
+        }
+    }
+    let end_seq = next_seq(seq);
+    emit(
+        &mut out,
+        NLM_F_REQUEST,
+        end_seq,
+        NetfilterMessage::new(
+            NetfilterHeader::new(NetfilterProtoFamily::Unspec, 0, NFNL_SUBSYS_NFTABLES),
+            ControlMessage::BatchEnd,
+        ),
+    );
+    EncodedBatch {
+        bytes: out,
+        begin_seq,
+        end_seq,
+        pending,
+    }
+}
+
 /// Serializes one netlink message and appends it to `out`.
 fn emit(out: &mut Vec<u8>, flags: u16, seq: u32, msg: NetfilterMessage) {
     let mut header = NetlinkHeader::default();
@@ -447,4 +479,48 @@ fn parse_elems(payload: &[u8], out: &mut Vec<RawElem>) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{encode_open_batch, AppProto, Pinhole, SessionId};
+    use std::time::Duration;
+
+    /// (type, seq) of every message in an encoded batch.
+    fn messages(bytes: &[u8]) -> Vec<(u16, u32)> {
+        RawIter::new(bytes)
+            .map(|m| m.map(|m| (m.ty, m.seq)).expect("a well-formed message"))
+            .collect()
+    }
+
+    const BEGIN: u16 = 0x10;
+    const END: u16 = 0x11;
+    const NEWSETELEM: u16 = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM;
+
+    #[test]
+    fn an_open_is_one_transaction_of_two_elements_or_three_with_a_forward() {
+        let mut p = Pinhole {
+            addr: "10.0.0.2".parse().expect("literal"),
+            proto: AppProto::Tcp,
+            port: 443,
+            session: SessionId(7),
+            forward: None,
+        };
+        let ttl = Duration::from_secs(30);
+        let bytes = encode_open_batch("postern", &p, ttl, ttl).expect("valid pinhole");
+        assert_eq!(bytes.len() % 4, 0, "netlink messages are 4-byte aligned");
+        assert_eq!(
+            messages(&bytes),
+            vec![(BEGIN, 1), (NEWSETELEM, 2), (NEWSETELEM, 3), (END, 4)]
+        );
+        p.forward = Some("10.9.0.5:8443".parse().expect("literal"));
+        let with_forward = encode_open_batch("postern", &p, ttl, ttl).expect("valid forward");
+        assert_eq!(messages(&with_forward).len(), 5);
+        p.session = SessionId(0);
+        assert!(
+            encode_open_batch("postern", &p, ttl, ttl).is_err(),
+            "id 0 refused"
+        );
+    }
 }
