@@ -214,8 +214,15 @@ pub fn follow(
 ) -> Result<(), StreamError> {
     // The digest names exactly the base deltas will be applied to; no readable base:
     // ask for a full snapshot.
-    let digest = match held.base(ctx.state_dir) {
-        Ok(base) => Some(delta::digest(&base)),
+    let held_now: &Held = held;
+    let base_digest = crate::heap::in_scratch_arena(|| {
+        held_now
+            .base(ctx.state_dir)
+            .map(|base| delta::digest(&base))
+    });
+    crate::heap::release_free_memory();
+    let digest = match base_digest {
+        Ok(d) => Some(d),
         Err(_) => {
             if held.after_revision().is_some() {
                 held.force_full = true;

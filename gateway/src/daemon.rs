@@ -185,7 +185,8 @@ fn load_persisted_snapshot(
         age_secs: None,
         error,
     };
-    match crate::snapshot_file::load(&cfg.state_dir) {
+    // Parsed in a scratch arena (heap.rs): the records are garbage once the view is built.
+    match crate::heap::in_scratch_arena(|| crate::snapshot_file::load(&cfg.state_dir)) {
         Ok(None) => {
             tracing::info!(
                 "no persisted registry snapshot: every knock is denied until the controller answers"
