@@ -689,7 +689,12 @@ mod tests {
             let (result, _) = converse(&h, &mut held, |hello, _, _| {
                 assert_eq!((hello.after_revision, hello.digest), (None, None));
             });
-            assert!(matches!(result, Err(StreamError::Closed)), "{result:?}");
+            // The scripted controller hangs up after the hello: the gateway sees it on its
+            // next read (Closed) or on the report it writes first (broken pipe).
+            assert!(
+                matches!(result, Err(StreamError::Closed | StreamError::Io(_))),
+                "{result:?}"
+            );
             assert!(held.force_full, "file {file:?}");
         }
     }
