@@ -214,20 +214,20 @@ pub fn follow(
 ) -> Result<(), StreamError> {
     // The digest names exactly the base deltas will be applied to; no readable base:
     // ask for a full snapshot.
-    let held_now: &Held = held;
-    let base_digest = crate::heap::in_scratch_arena(|| {
-        held_now
-            .base(ctx.state_dir)
-            .map(|base| delta::digest(&base))
-    });
-    crate::heap::release_free_memory();
-    let digest = match base_digest {
-        Ok(d) => Some(d),
-        Err(_) => {
-            if held.after_revision().is_some() {
+    let digest = match held.after_revision() {
+        None => None,
+        Some(_) => {
+            let held_now: &Held = held;
+            let read = crate::heap::in_scratch_arena(|| {
+                held_now
+                    .base(ctx.state_dir)
+                    .map(|base| delta::digest(&base))
+            });
+            crate::heap::release_free_memory();
+            if read.is_err() {
                 held.force_full = true;
             }
-            None
+            read.ok()
         }
     };
     send(

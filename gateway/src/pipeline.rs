@@ -26,9 +26,10 @@ pub use lifecycle::{close_reason, global_session_id, SessionEvent, SessionInfo};
 /// Who an authenticated knock came from and what it asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Who {
-    /// Device id, 32 hex digits.
+    /// Device id, 32 hex digits. Each field is allocated once per knock; the session
+    /// record, its lifecycle events and the session board share them (no copy per
+    /// session list publication).
     pub device: Arc<str>,
-    /// Shared with the registry view (no copy per knock or per session).
     pub device_name: Arc<str>,
     pub user: Arc<str>,
     pub app: Arc<str>,

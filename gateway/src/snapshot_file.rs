@@ -41,12 +41,14 @@ pub enum SnapshotFileError {
     Format { path: PathBuf, found: u32 },
 }
 
-/// The file's content: the snapshot plus when it was saved.
-#[derive(Debug, Deserialize)]
-struct SnapshotFile {
+/// The file's content: the snapshot plus when it was saved. `S` is `Snapshot` when read
+/// and `&Snapshot` when written (a clone would double the registry's heap for the length
+/// of the write).
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotFile<S> {
     format: u32,
     saved_at_ms: u64,
-    snapshot: Snapshot,
+    snapshot: S,
 }
 
 /// A snapshot read back from `state_dir`.
@@ -57,18 +59,9 @@ pub struct Persisted {
     pub saved_at_ms: u64,
 }
 
-/// What [`save`] writes: [`SnapshotFile`] borrowing the snapshot (a clone would double
-/// the registry's heap for the length of the write).
-#[derive(Serialize)]
-struct SnapshotFileRef<'a> {
-    format: u32,
-    saved_at_ms: u64,
-    snapshot: &'a Snapshot,
-}
-
 /// Persists `snapshot` as `dir/snapshot.json` (see [`write_atomic`]).
 pub fn save(dir: &Path, snapshot: &Snapshot, now_ms: u64) -> io::Result<()> {
-    let file = SnapshotFileRef {
+    let file = SnapshotFile {
         format: FORMAT,
         saved_at_ms: now_ms,
         snapshot,
@@ -94,7 +87,7 @@ pub fn load(dir: &Path) -> Result<Option<Persisted>, SnapshotFileError> {
         return Err(SnapshotFileError::TooLarge { path });
     }
     let bytes = std::fs::read(&path).map_err(io_err)?;
-    let file: SnapshotFile =
+    let file: SnapshotFile<Snapshot> =
         serde_json::from_slice(&bytes).map_err(|source| SnapshotFileError::Corrupt {
             path: path.clone(),
             source,
