@@ -25,14 +25,67 @@ pub const MARK_TAG_MASK: u32 = 0xff00_0000;
 /// The largest session id (24 bits).
 pub const MAX_SESSION_ID: u32 = !MARK_TAG_MASK;
 
+/// A set key or map datum, stored inline: the largest is an IPv6 pinhole key (24 bytes),
+/// so building one never allocates (issue 7: no allocation per knock).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ElemBytes {
+    buf: [u8; ElemBytes::CAPACITY],
+    len: u8,
+}
+
+impl ElemBytes {
+    const CAPACITY: usize = 24;
+
+    fn new() -> ElemBytes {
+        ElemBytes {
+            buf: [0; ElemBytes::CAPACITY],
+            len: 0,
+        }
+    }
+
+    /// Appends `bytes`; every caller here appends at most [`ElemBytes::CAPACITY`] in all.
+    fn push(&mut self, bytes: &[u8]) {
+        let start = usize::from(self.len);
+        let end = start + bytes.len();
+        assert!(
+            end <= ElemBytes::CAPACITY,
+            "element encodings are at most 24 bytes (an IPv6 pinhole key)"
+        );
+        self.buf[start..end].copy_from_slice(bytes);
+        self.len = end as u8;
+    }
+
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        &self.buf[..usize::from(self.len)]
+    }
+}
+
+impl std::ops::Deref for ElemBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl std::fmt::Debug for ElemBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for b in self.as_slice() {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
 /// The conntrack mark of session `id` (1..=MAX_SESSION_ID).
 pub(crate) fn ct_mark(id: u32) -> u32 {
     MARK_TAG | (id & MAX_SESSION_ID)
 }
 
 /// Key of a session element (`type mark`): the tagged mark, host byte order.
-pub(crate) fn session_key(id: u32) -> Vec<u8> {
-    ct_mark(id).to_ne_bytes().to_vec()
+pub(crate) fn session_key(id: u32) -> ElemBytes {
+    let mut key = ElemBytes::new();
+    key.push(&ct_mark(id).to_ne_bytes());
+    key
 }
 
 /// Decodes a `type mark` key or map datum back to the session id; `None` for a mark
@@ -43,21 +96,21 @@ pub(crate) fn decode_mark(bytes: &[u8]) -> Option<u32> {
 }
 
 /// The map a pinhole lives in and its key.
-pub(crate) fn pinhole_key(addr: IpAddr, proto: AppProto, port: u16) -> (&'static str, Vec<u8>) {
-    let mut key = Vec::with_capacity(24);
+pub(crate) fn pinhole_key(addr: IpAddr, proto: AppProto, port: u16) -> (&'static str, ElemBytes) {
+    let mut key = ElemBytes::new();
     let set = match addr {
         IpAddr::V4(a) => {
-            key.extend_from_slice(&a.octets());
+            key.push(&a.octets());
             PINHOLES4
         }
         IpAddr::V6(a) => {
-            key.extend_from_slice(&a.octets());
+            key.push(&a.octets());
             PINHOLES6
         }
     };
-    key.extend_from_slice(&[proto.number(), 0, 0, 0]);
+    key.push(&[proto.number(), 0, 0, 0]);
     let p = port.to_be_bytes();
-    key.extend_from_slice(&[p[0], p[1], 0, 0]);
+    key.push(&[p[0], p[1], 0, 0]);
     (set, key)
 }
 
@@ -73,14 +126,14 @@ pub(crate) fn forward_map(addr: IpAddr) -> &'static str {
 /// `ipv6_addr . inet_service`): the address, then the port in network byte
 /// order padded to 4 bytes (`nft --debug=netlink`: `0500010a 00005000` for
 /// 10.1.0.5 . 80).
-pub(crate) fn forward_data(target: SocketAddr) -> Vec<u8> {
-    let mut data = Vec::with_capacity(20);
+pub(crate) fn forward_data(target: SocketAddr) -> ElemBytes {
+    let mut data = ElemBytes::new();
     match target.ip() {
-        IpAddr::V4(a) => data.extend_from_slice(&a.octets()),
-        IpAddr::V6(a) => data.extend_from_slice(&a.octets()),
+        IpAddr::V4(a) => data.push(&a.octets()),
+        IpAddr::V6(a) => data.push(&a.octets()),
     }
     let p = target.port().to_be_bytes();
-    data.extend_from_slice(&[p[0], p[1], 0, 0]);
+    data.push(&[p[0], p[1], 0, 0]);
     data
 }
 
@@ -126,7 +179,7 @@ mod tests {
     fn ipv4_key_matches_nft_debug_output() {
         let (set, key) = pinhole_key("10.0.0.2".parse().expect("addr"), AppProto::Udp, 443);
         assert_eq!(set, PINHOLES4);
-        assert_eq!(key, [10, 0, 0, 2, 17, 0, 0, 0, 0x01, 0xbb, 0, 0]);
+        assert_eq!(key.as_slice(), [10, 0, 0, 2, 17, 0, 0, 0, 0x01, 0xbb, 0, 0]);
         assert_eq!(
             decode_pinhole(&key),
             Some(("10.0.0.2".parse().expect("addr"), AppProto::Udp, 443))
@@ -145,7 +198,7 @@ mod tests {
     #[test]
     fn forward_data_matches_nft_debug_output() {
         let t: SocketAddr = "10.1.0.5:80".parse().expect("addr");
-        assert_eq!(forward_data(t), [10, 1, 0, 5, 0, 80, 0, 0]);
+        assert_eq!(forward_data(t).as_slice(), [10, 1, 0, 5, 0, 80, 0, 0]);
         assert_eq!(decode_forward(&forward_data(t)), Some(t));
         let t6: SocketAddr = "[fd01::5]:80".parse().expect("addr");
         let d = forward_data(t6);
@@ -159,7 +212,7 @@ mod tests {
     #[test]
     fn mark_is_host_order() {
         assert_eq!(decode_mark(&session_key(0x0002_0304)), Some(0x0002_0304));
-        assert_eq!(session_key(7), 0x5000_0007u32.to_ne_bytes());
+        assert_eq!(session_key(7).as_slice(), 0x5000_0007u32.to_ne_bytes());
         // A mark the host set for its own reasons is not a session.
         assert_eq!(decode_mark(&0x0000_0007u32.to_ne_bytes()), None);
         assert_eq!(decode_mark(&0x5100_0007u32.to_ne_bytes()), None);

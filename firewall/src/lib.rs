@@ -90,29 +90,31 @@ struct Replace {
 
 /// The element operations of one `open`: the session element, the removals `replace`
 /// asks for, the forward element, the pinhole element.
+/// Written into `ops` (cleared first): the firewall reuses one vector for every open.
 fn open_ops(
     p: &Pinhole,
     pin_ms: u64,
     ses_ms: u64,
     replace: Replace,
-) -> Vec<(&'static str, ElemOp)> {
+    ops: &mut Vec<(&'static str, ElemOp)>,
+) {
     let (map, key) = elements::pinhole_key(p.addr, p.proto, p.port);
     let mark = elements::session_key(p.session.0);
     let fwd_map = elements::forward_map(p.addr);
-    let mut ops: Vec<(&'static str, ElemOp)> = Vec::with_capacity(5);
+    ops.clear();
     ops.push((
         SESSIONS,
         ElemOp::Add {
-            key: mark.clone(),
+            key: mark,
             data: None,
             timeout_ms: ses_ms,
         },
     ));
     if replace.pinhole {
-        ops.push((map, ElemOp::Destroy { key: key.clone() }));
+        ops.push((map, ElemOp::Destroy { key }));
     }
     if replace.forward {
-        ops.push((fwd_map, ElemOp::Destroy { key: key.clone() }));
+        ops.push((fwd_map, ElemOp::Destroy { key }));
     }
     // The forward element goes in before the pinhole: a connection the
     // pinhole admits is always DNATed, never delivered to this host.
@@ -120,7 +122,7 @@ fn open_ops(
         ops.push((
             fwd_map,
             ElemOp::Add {
-                key: key.clone(),
+                key,
                 data: Some(elements::forward_data(target)),
                 timeout_ms: pin_ms,
             },
@@ -134,7 +136,6 @@ fn open_ops(
             timeout_ms: pin_ms,
         },
     ));
-    ops
 }
 
 /// The exact netlink bytes [`Firewall::open`] sends for a pinhole this process does not
@@ -148,7 +149,8 @@ pub fn encode_open_batch(
     session_ttl: Duration,
 ) -> Result<Vec<u8>, FirewallError> {
     let (pin_ms, ses_ms) = check_open(p, pinhole_ttl, session_ttl)?;
-    let ops = open_ops(p, pin_ms, ses_ms, Replace::default());
+    let mut ops = Vec::with_capacity(5);
+    open_ops(p, pin_ms, ses_ms, Replace::default(), &mut ops);
     let mut seq = 0;
     Ok(netlink::encode_batch(table, &ops, &mut seq).bytes)
 }
@@ -292,6 +294,8 @@ pub struct Firewall {
     /// Pinholes we added: owner session, expiry and forward target.
     pinholes: HashMap<PinKey, (SessionId, Instant, Option<SocketAddr>)>,
     opens: u64,
+    /// The element operations of the last open, reused (no allocation per open).
+    ops: Vec<(&'static str, ElemOp)>,
 }
 
 /// Prune the in-memory maps of expired entries every this many opens.
@@ -359,6 +363,7 @@ impl Firewall {
             sessions: HashMap::new(),
             pinholes: HashMap::new(),
             opens: 0,
+            ops: Vec::with_capacity(5),
         })
     }
 
@@ -385,10 +390,8 @@ impl Firewall {
             pinhole: matches!(known, Some((s, _, _)) if *s != p.session),
             forward: matches!(known, Some((_, _, Some(old))) if p.forward != Some(*old)),
         };
-        match self
-            .sock
-            .batch(&self.table, &open_ops(p, pin_ms, ses_ms, replace))
-        {
+        open_ops(p, pin_ms, ses_ms, replace, &mut self.ops);
+        match self.sock.batch(&self.table, &self.ops) {
             Ok(()) => {}
             // A pinhole or forward of another owner we did not know about
             // (previous run, other process): destroy and add again, once.
@@ -397,8 +400,8 @@ impl Firewall {
                     pinhole: true,
                     forward: true,
                 };
-                self.sock
-                    .batch(&self.table, &open_ops(p, pin_ms, ses_ms, both))?;
+                open_ops(p, pin_ms, ses_ms, both, &mut self.ops);
+                self.sock.batch(&self.table, &self.ops)?;
             }
             Err(e) => return Err(e),
         }
@@ -437,7 +440,7 @@ impl Firewall {
             let (map, key) = elements::pinhole_key(*addr, *proto, *port);
             // Forward or not, the forward element goes too (a missing one is fine).
             let fwd = elements::forward_map(*addr);
-            ops.push((fwd, ElemOp::Destroy { key: key.clone() }));
+            ops.push((fwd, ElemOp::Destroy { key }));
             ops.push((map, ElemOp::Destroy { key }));
         }
         self.sock.batch(&self.table, &ops)?;

@@ -53,7 +53,7 @@ fn sealed_knock(i: u32, n: u32, gateway: &postern_protocol::GatewayPublicKey) ->
         timestamp_ms: NOW,
         nonce,
         flags: flags::KNOCK,
-        app: "ssh".into(),
+        app: postern_protocol::AppName::new("ssh").expect("valid app name"),
         claimed_addr: Some(SRC.parse().expect("literal")),
         posture_digest: [0; 32],
     };

@@ -99,28 +99,48 @@ pub fn source_key(addr: IpAddr) -> IpAddr {
 }
 
 /// Per-source token buckets, at most `capacity` sources (least recently seen evicted).
+///
+/// The buckets live in one slab with an intrusive recency list (most recent at the head):
+/// a known source is found, charged and moved to the head without allocating, and a new
+/// source takes a freed slot or the least recently seen one's (issue 7: no allocation per
+/// packet once the table is at its size).
 #[derive(Debug)]
 pub struct SourceTable {
     capacity: usize,
     rate_per_sec: u32,
     burst: u32,
-    /// source -> (bucket, last-use stamp)
-    buckets: HashMap<IpAddr, (TokenBucket, u64)>,
-    /// last-use stamp -> source, oldest first.
-    lru: BTreeMap<u64, IpAddr>,
-    next_stamp: u64,
+    /// source -> slot in `slots`
+    index: HashMap<IpAddr, u32>,
+    slots: Vec<SourceSlot>,
+    /// Most and least recently seen slots (`NONE` when empty).
+    head: u32,
+    tail: u32,
     evicted: u64,
 }
+
+#[derive(Debug)]
+struct SourceSlot {
+    key: IpAddr,
+    bucket: TokenBucket,
+    /// Toward the head (more recent) and the tail (less recent).
+    newer: u32,
+    older: u32,
+}
+
+/// "No slot" in the recency list.
+const NONE: u32 = u32::MAX;
 
 impl SourceTable {
     pub fn new(capacity: usize, rate_per_sec: u32, burst: u32) -> SourceTable {
         SourceTable {
-            capacity: capacity.max(1),
+            // Slot numbers are u32 and NONE is reserved.
+            capacity: capacity.clamp(1, (NONE - 1) as usize),
             rate_per_sec,
             burst,
-            buckets: HashMap::new(),
-            lru: BTreeMap::new(),
-            next_stamp: 0,
+            index: HashMap::new(),
+            slots: Vec::new(),
+            head: NONE,
+            tail: NONE,
             evicted: 0,
         }
     }
@@ -128,45 +148,83 @@ impl SourceTable {
     /// True if `src` may have one more packet go on to the crypto queue at `now_ms`.
     pub fn admit(&mut self, src: IpAddr, now_ms: u64) -> bool {
         let key = source_key(src);
-        let stamp = self.next_stamp;
-        self.next_stamp += 1;
-        if let Some((bucket, old)) = self.buckets.get_mut(&key) {
-            self.lru.remove(old);
-            *old = stamp;
-            self.lru.insert(stamp, key);
-            return bucket.try_take(now_ms);
-        }
-        if self.buckets.len() >= self.capacity {
-            self.evict_one(now_ms);
+        if let Some(&slot) = self.index.get(&key) {
+            self.unlink(slot);
+            self.push_head(slot);
+            return self.slots[slot as usize].bucket.try_take(now_ms);
         }
         let mut bucket = TokenBucket::new(self.rate_per_sec, self.burst, now_ms);
         let ok = bucket.try_take(now_ms);
-        self.buckets.insert(key, (bucket, stamp));
-        self.lru.insert(stamp, key);
+        let fresh = SourceSlot {
+            key,
+            bucket,
+            newer: NONE,
+            older: NONE,
+        };
+        let slot = if self.slots.len() < self.capacity {
+            self.slots.push(fresh);
+            (self.slots.len() - 1) as u32
+        } else {
+            let slot = self.evict_one(now_ms);
+            self.slots[slot as usize] = fresh;
+            slot
+        };
+        self.index.insert(key, slot);
+        self.push_head(slot);
         ok
     }
 
-    /// Evicts the least recently seen source. A source whose bucket is not full yet would
-    /// come back with a full one: that is the price of bounded memory, paid by whoever
-    /// floods with the most distinct addresses, and bounded by the global budget.
-    fn evict_one(&mut self, now_ms: u64) {
-        if let Some((stamp, key)) = self.lru.pop_first() {
-            let _ = stamp;
-            if let Some((mut bucket, _)) = self.buckets.remove(&key) {
-                if !bucket.is_full(now_ms) {
-                    self.evicted += 1;
-                }
-            }
+    /// Evicts the least recently seen source and returns its (unlinked) slot. A source
+    /// whose bucket is not full yet would come back with a full one: that is the price of
+    /// bounded memory, paid by whoever floods with the most distinct addresses, and bounded
+    /// by the global budget. Only called on a full table (so the tail exists).
+    fn evict_one(&mut self, now_ms: u64) -> u32 {
+        let slot = self.tail;
+        self.unlink(slot);
+        let old = &mut self.slots[slot as usize];
+        self.index.remove(&old.key);
+        if !old.bucket.is_full(now_ms) {
+            self.evicted += 1;
         }
+        slot
+    }
+
+    fn unlink(&mut self, slot: u32) {
+        let (newer, older) = {
+            let s = &self.slots[slot as usize];
+            (s.newer, s.older)
+        };
+        match newer {
+            NONE => self.head = older,
+            n => self.slots[n as usize].older = older,
+        }
+        match older {
+            NONE => self.tail = newer,
+            o => self.slots[o as usize].newer = newer,
+        }
+    }
+
+    fn push_head(&mut self, slot: u32) {
+        let old_head = self.head;
+        {
+            let s = &mut self.slots[slot as usize];
+            s.newer = NONE;
+            s.older = old_head;
+        }
+        match old_head {
+            NONE => self.tail = slot,
+            h => self.slots[h as usize].newer = slot,
+        }
+        self.head = slot;
     }
 
     /// Sources currently tracked.
     pub fn len(&self) -> usize {
-        self.buckets.len()
+        self.index.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.buckets.is_empty()
+        self.index.is_empty()
     }
 
     /// Sources evicted while their bucket was still partly spent.
@@ -198,7 +256,13 @@ pub struct FairQueue<T> {
     ring: VecDeque<IpAddr>,
     /// (queued count, source) for every source with queued items.
     counts: BTreeSet<(usize, IpAddr)>,
+    /// Emptied per-source queues kept for the next source (at most [`SPARE_QUEUES`]): a
+    /// knock from a source with nothing queued, the common case, allocates no queue.
+    spare: Vec<VecDeque<T>>,
 }
+
+/// How many emptied per-source queues [`FairQueue`] keeps for reuse.
+const SPARE_QUEUES: usize = 64;
 
 impl<T> FairQueue<T> {
     pub fn new(capacity: usize) -> FairQueue<T> {
@@ -208,6 +272,7 @@ impl<T> FairQueue<T> {
             per_source: HashMap::new(),
             ring: VecDeque::new(),
             counts: BTreeSet::new(),
+            spare: Vec::new(),
         }
     }
 
@@ -221,6 +286,15 @@ impl<T> FairQueue<T> {
 
     fn count(&self, key: &IpAddr) -> usize {
         self.per_source.get(key).map_or(0, VecDeque::len)
+    }
+
+    /// Forgets `key`'s (empty) queue, keeping it for reuse.
+    fn retire_queue(&mut self, key: IpAddr) {
+        if let Some(queue) = self.per_source.remove(&key) {
+            if self.spare.len() < SPARE_QUEUES {
+                self.spare.push(queue);
+            }
+        }
     }
 
     fn set_count(&mut self, key: IpAddr, old: usize, new: usize) {
@@ -250,7 +324,11 @@ impl<T> FairQueue<T> {
             outcome = Pushed::DroppedOldest(noisiest, dropped);
         }
         let old = self.count(&key);
-        let queue = self.per_source.entry(key).or_default();
+        let spare = &mut self.spare;
+        let queue = self
+            .per_source
+            .entry(key)
+            .or_insert_with(|| spare.pop().unwrap_or_default());
         queue.push_back(item);
         if old == 0 {
             self.ring.push_back(key);
@@ -266,7 +344,7 @@ impl<T> FairQueue<T> {
         let item = queue.pop_front()?;
         let left = queue.len();
         if left == 0 {
-            self.per_source.remove(&key);
+            self.retire_queue(key);
             self.ring.retain(|k| *k != key);
         }
         self.set_count(key, left + 1, left);
@@ -281,13 +359,52 @@ impl<T> FairQueue<T> {
         let item = queue.pop_front()?;
         let left = queue.len();
         if left == 0 {
-            self.per_source.remove(&key);
+            self.retire_queue(key);
         } else {
             self.ring.push_back(key);
         }
         self.set_count(key, left + 1, left);
         self.len -= 1;
         Some((key, item))
+    }
+}
+
+/// Datagram buffers handed from the capture thread to the crypto workers and back, so a
+/// queued knock costs no allocation once the pool holds as many buffers as are in flight.
+/// Keeps at most [`DatagramPool::KEEP`] spare buffers (a flood's burst is given back).
+#[derive(Debug, Default)]
+pub struct DatagramPool {
+    spare: Mutex<Vec<Vec<u8>>>,
+}
+
+impl DatagramPool {
+    /// Spare buffers kept at most (each sized for the largest packet: ~1.2 MB in all).
+    pub const KEEP: usize = 1024;
+
+    /// A buffer holding a copy of `bytes` (a spare one when there is one).
+    pub fn copy_of(&self, bytes: &[u8]) -> Vec<u8> {
+        let spare = lock_ignoring_poison(&self.spare).pop();
+        let mut buf = spare.unwrap_or_else(|| {
+            Vec::with_capacity(postern_protocol::packet::MAX_PACKET_LEN.max(bytes.len()))
+        });
+        buf.clear();
+        buf.extend_from_slice(bytes);
+        buf
+    }
+
+    /// Takes `buf` back for reuse (dropped when the pool is full).
+    pub fn give_back(&self, buf: Vec<u8>) {
+        let mut spare = lock_ignoring_poison(&self.spare);
+        if spare.len() < Self::KEEP {
+            spare.push(buf);
+        }
+    }
+}
+
+fn lock_ignoring_poison<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
     }
 }
 
@@ -300,18 +417,11 @@ pub struct Counters {
 
 impl Counters {
     pub fn add(&self, name: &'static str, n: u64) {
-        let mut map = match self.map.lock() {
-            Ok(m) => m,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        *map.entry(name).or_insert(0) += n;
+        *lock_ignoring_poison(&self.map).entry(name).or_insert(0) += n;
     }
 
     pub fn snapshot(&self) -> BTreeMap<&'static str, u64> {
-        match self.map.lock() {
-            Ok(m) => m.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        lock_ignoring_poison(&self.map).clone()
     }
 }
 
@@ -415,6 +525,36 @@ mod tests {
         assert!(t.admit(ip("2001:db8:1:3::1"), 0), "another /64");
         assert!(t.admit(ip("::ffff:10.0.0.1"), 0));
         assert!(!t.admit(ip("10.0.0.1"), 0), "mapped v4 is the v4 source");
+    }
+
+    #[test]
+    fn source_table_evicts_exactly_like_a_plain_lru() {
+        // Reference model: sources, most recent first.
+        let mut model: Vec<IpAddr> = Vec::new();
+        let mut t = SourceTable::new(10, 1, 1);
+        let mut x: u32 = 12345;
+        for step in 0..20_000 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            let src = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, (x >> 16) as u8 % 40));
+            let known = model.iter().position(|s| *s == src);
+            let expected = match known {
+                Some(i) => {
+                    model.remove(i);
+                    false // spent: rate 1/s, burst 1, time frozen
+                }
+                None => {
+                    model.truncate(9);
+                    true
+                }
+            };
+            model.insert(0, src);
+            assert_eq!(t.admit(src, 0), expected, "step {step}");
+            let mut tracked: Vec<IpAddr> = t.index.keys().copied().collect();
+            let mut want = model.clone();
+            tracked.sort();
+            want.sort();
+            assert_eq!(tracked, want, "step {step}");
+        }
     }
 
     #[test]

@@ -9,20 +9,71 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Mutex;
 
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::{json, Map, Value};
 
 use crate::config::AuditTarget;
 use crate::pipeline::Decision;
 
 /// Thread-safe JSON-lines audit writer.
 pub struct AuditLog {
-    out: Mutex<Box<dyn Write + Send>>,
+    out: Mutex<Writer>,
+}
+
+/// The sink and the line buffer it reuses: a line is rendered into `line`, then written
+/// whole (no allocation per line once the buffer has grown to the longest line).
+struct Writer {
+    out: Box<dyn Write + Send>,
+    line: Vec<u8>,
 }
 
 impl std::fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("AuditLog")
     }
+}
+
+/// Fields a knock line may carry besides the decision's own.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct KnockExtra {
+    /// Whether a signed reply was sent (authenticated decisions).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply: Option<bool>,
+    /// How many drop lines the rate limit left out before this one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub suppressed: Option<u64>,
+}
+
+/// One `knock` line: borrowed from the decision, serialized without a JSON tree.
+#[derive(Serialize)]
+struct KnockLine<'a> {
+    ts_ms: u64,
+    event: &'static str,
+    decision: &'static str,
+    reason: &'static str,
+    src: IpAddr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device_name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    app: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    renewed: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    port: Option<u16>,
+    /// A local policy denial says why (the failing rule and check; never sent to the
+    /// device) and, when the device can fix it, the failing requirement.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    policy: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    requirement: Option<&'a str>,
+    #[serde(flatten)]
+    extra: KnockExtra,
 }
 
 impl AuditLog {
@@ -32,64 +83,54 @@ impl AuditLog {
             AuditTarget::File(p) => Box::new(open_append(p)?),
         };
         Ok(AuditLog {
-            out: Mutex::new(out),
+            out: Mutex::new(Writer {
+                out,
+                line: Vec::with_capacity(512),
+            }),
         })
     }
 
     /// Records one knock decision.
     pub fn knock(&self, ts_ms: u64, src: IpAddr, decision: &Decision) {
-        self.knock_with(ts_ms, src, decision, Value::Null);
+        self.knock_with(ts_ms, src, decision, KnockExtra::default());
     }
 
-    /// Records one knock decision with extra fields (an object), e.g. `suppressed`: how
-    /// many drop lines the rate limit left out before this one.
-    pub fn knock_with(&self, ts_ms: u64, src: IpAddr, decision: &Decision, extra: Value) {
-        let mut line = json!({
-            "ts_ms": ts_ms,
-            "event": "knock",
-            "decision": decision.verdict(),
-            "reason": decision.reason(),
-            "src": src.to_string(),
-        });
-        if let (Some(k), Value::Object(map)) = (decision.who(), &mut line) {
-            map.insert("device".into(), json!(&*k.device));
-            map.insert("device_name".into(), json!(&*k.device_name));
-            map.insert("user".into(), json!(&*k.user));
-            map.insert("app".into(), json!(&*k.app));
-        }
-        if let (
+    /// Records one knock decision with extra fields (`reply`, `suppressed`).
+    pub fn knock_with(&self, ts_ms: u64, src: IpAddr, decision: &Decision, extra: KnockExtra) {
+        let who = decision.who();
+        let (session, renewed, port) = match decision {
             Decision::Allow {
                 pinhole, renewed, ..
-            },
-            Value::Object(map),
-        ) = (decision, &mut line)
-        {
-            map.insert("session".into(), json!(pinhole.session.0));
-            map.insert("renewed".into(), json!(renewed));
-            map.insert("port".into(), json!(pinhole.port));
-        }
-        if let (Decision::Close { session, .. }, Value::Object(map)) = (decision, &mut line) {
-            map.insert("session".into(), json!(session.0));
-        }
-        // A local policy denial says why (the failing rule and check; never sent to the
-        // device) and, when the device can fix it, the failing requirement.
-        if let (
+            } => (Some(pinhole.session.0), Some(*renewed), Some(pinhole.port)),
+            Decision::Close { session, .. } => (Some(session.0), None, None),
+            _ => (None, None, None),
+        };
+        let policy = match decision {
             Decision::Deny {
                 policy: Some(policy),
                 ..
-            },
-            Value::Object(map),
-        ) = (decision, &mut line)
-        {
-            map.insert("policy".into(), json!(policy.why));
-            if let Some(req) = policy.hint.as_ref().and_then(|h| h.requirement.as_ref()) {
-                map.insert("requirement".into(), json!(req));
-            }
-        }
-        if let (Value::Object(map), Value::Object(extra)) = (&mut line, extra) {
-            map.extend(extra);
-        }
-        self.write(&line);
+            } => Some(policy),
+            _ => None,
+        };
+        self.write(&KnockLine {
+            ts_ms,
+            event: "knock",
+            decision: decision.verdict(),
+            reason: decision.reason(),
+            src,
+            device: who.map(|w| &*w.device),
+            device_name: who.map(|w| &*w.device_name),
+            user: who.map(|w| &*w.user),
+            app: who.map(|w| &*w.app),
+            session,
+            renewed,
+            port,
+            policy: policy.map(|p| p.why.as_str()),
+            requirement: policy
+                .and_then(|p| p.hint.as_ref())
+                .and_then(|h| h.requirement.as_deref()),
+            extra,
+        });
     }
 
     /// Records any other event (sync, start, stop, firewall failure).
@@ -101,19 +142,58 @@ impl AuditLog {
         self.write(&line);
     }
 
-    fn write(&self, line: &Value) {
+    /// Records an event whose fields are a borrowed, typed record (`fields` must serialize
+    /// as a JSON object; its keys follow `ts_ms` and `event`), plus `more` (e.g. a close's
+    /// `revision` and `ok`). Renders straight into the line buffer: the hot-path lines
+    /// (session lifecycle) allocate nothing.
+    pub fn record<T: Serialize>(
+        &self,
+        ts_ms: u64,
+        event: &str,
+        fields: &T,
+        more: Option<&Map<String, Value>>,
+    ) {
+        #[derive(Serialize)]
+        struct Line<'a, T> {
+            ts_ms: u64,
+            event: &'a str,
+            #[serde(flatten)]
+            fields: &'a T,
+            #[serde(flatten, skip_serializing_if = "Option::is_none")]
+            more: Option<&'a Map<String, Value>>,
+        }
+        self.write(&Line {
+            ts_ms,
+            event,
+            fields,
+            more,
+        });
+    }
+
+    fn write<T: Serialize>(&self, line: &T) {
         // Rendered whole first: formatting straight into the unbuffered file would issue
         // one write(2) per JSON token, and a line must reach the file in one piece (one
         // O_APPEND write) so concurrent writers and a crash never interleave or tear it.
-        let mut bytes = line.to_string().into_bytes();
-        bytes.push(b'\n');
-        let mut out = match self.out.lock() {
+        let mut w = match self.out.lock() {
             Ok(o) => o,
             Err(poisoned) => poisoned.into_inner(),
         };
+        let Writer { out, line: bytes } = &mut *w;
+        bytes.clear();
+        if let Err(e) = serde_json::to_writer(&mut *bytes, line) {
+            // Only a Serialize impl can fail here (no map with non-string keys is ever
+            // written); the decision stands.
+            tracing::error!(error = %e, "audit line could not be rendered");
+            return;
+        }
+        bytes.push(b'\n');
         // An audit line that cannot be written is reported on stderr; the decision stands.
-        if let Err(e) = out.write_all(&bytes).and_then(|()| out.flush()) {
+        if let Err(e) = out.write_all(bytes).and_then(|()| out.flush()) {
             tracing::error!(error = %e, "audit log write failed");
+        }
+        // One huge line (a big sync event) does not stay allocated.
+        if bytes.capacity() > 64 * 1024 {
+            *bytes = Vec::with_capacity(512);
         }
     }
 }

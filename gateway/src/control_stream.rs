@@ -346,7 +346,10 @@ fn publish(
     bytes: usize,
 ) {
     let from = held.revision;
-    let (next, warnings) = RegistryView::from_snapshot(&snapshot);
+    let (next, warnings) = {
+        let previous = ctx.view.load();
+        RegistryView::from_snapshot_after(&snapshot, previous.as_deref())
+    };
     for w in &warnings {
         tracing::warn!(revision = snapshot.revision, "{w}");
     }
@@ -360,7 +363,7 @@ fn publish(
     );
     let revision = next.revision;
     let mut record = json!({ "revision": revision, "devices": next.device_count(), "policy_mode": next.policy_mode(), "access_records": next.access_count(), "warnings": warnings.len(), "connected": true, "since_contact_secs": 0, "delta": delta, "from": from, "to": revision, "bytes": bytes });
-    ctx.view.store(Some(Arc::new(next)));
+    let replaced = ctx.view.swap(Some(Arc::new(next)));
     ctx.state.contact(revision, unix_ms());
     let first_answer = !held.answered;
     held.answered = true;
@@ -368,9 +371,35 @@ fn publish(
     record["persisted"] = json!(persisted);
     held.revision = Some(revision);
     drop(snapshot);
+    drop_when_unshared(replaced);
     crate::heap::release_free_memory();
     ctx.audit.event(unix_ms(), "sync", record);
 }
+
+/// Drops the replaced view here, once the knock path's readers (a crypto worker or the
+/// decision thread holds a view for one knock) have let go, so that the trim that follows
+/// returns its memory. Measured: freed after the trim by a reader, a 100,000-device view
+/// stayed resident until the next revision (VmRSS 87 MB instead of 38 MB at rest). Waits at
+/// most [`UNSHARE_WAIT`]; a reader holding on longer frees it itself.
+fn drop_when_unshared(view: Option<Arc<RegistryView>>) {
+    let Some(mut view) = view else {
+        return;
+    };
+    let deadline = Instant::now() + UNSHARE_WAIT;
+    loop {
+        match Arc::try_unwrap(view) {
+            Ok(owned) => return drop(owned),
+            Err(shared) if Instant::now() < deadline => {
+                view = shared;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// How long [`drop_when_unshared`] waits for the knock path to release a replaced view.
+const UNSHARE_WAIT: Duration = Duration::from_millis(200);
 
 /// Writes `snapshot` to `state_dir/snapshot.json` unless this revision is already there
 /// (`force`: the first answer since start, whose content may differ from a persisted file

@@ -116,7 +116,7 @@ pub fn run(cfg: &Config) -> Result<()> {
 #[allow(clippy::too_many_arguments)]
 fn close_revoked_sessions(
     view: &crate::sync::SharedView,
-    applied_revision: &mut Option<u64>,
+    applied_view: &mut Option<u64>,
     pipeline: &mut KnockPipeline,
     firewall: &mut Firewall,
     audit: &AuditLog,
@@ -127,10 +127,11 @@ fn close_revoked_sessions(
     let Some(registry) = current.as_deref() else {
         return;
     };
-    let changed = *applied_revision != Some(registry.revision);
+    // By view, not revision: a restored controller database can repeat a revision number.
+    let changed = *applied_view != Some(registry.generation());
     let mut ended = Vec::new();
     if changed {
-        *applied_revision = Some(registry.revision);
+        *applied_view = Some(registry.generation());
         ended = pipeline.close_sessions_revoked_by(registry, now_ms, close_reason::REGISTRY_CHANGE);
         let kills = reporter.fresh_kills(registry.kills());
         ended.extend(pipeline.kill_sessions(&kills, reporter.gateway(), now_ms));
@@ -345,7 +346,7 @@ fn serve(
     )
     .context("start the capture and crypto threads")?;
     let mut result = Ok(());
-    let mut applied_revision = None;
+    let mut applied_view = None;
     let mut next_expiry_sweep = Instant::now() + EXPIRY_SWEEP;
     // Forward mode: IP forwarding is switched on at the first forwarded knock, off at stop.
     let mut forwarding = crate::forwarding::Forwarding::new();
@@ -354,7 +355,7 @@ fn serve(
     while !stop.load(Ordering::Relaxed) {
         close_revoked_sessions(
             &view,
-            &mut applied_revision,
+            &mut applied_view,
             &mut pipeline,
             firewall,
             audit,
@@ -388,7 +389,11 @@ fn serve(
             Ok(auth) => pipeline.conclude(current.as_deref(), src, auth, now, &mut new_id),
             Err(dropped) => dropped,
         };
-        let span = tracing::info_span!("knock", %src, device = decision.who().map(|w| &*w.device), app = decision.who().map(|w| &*w.app));
+        let device = decision.who().map(|w| &*w.device);
+        let app = decision.who().map(|w| &*w.app);
+        // A debug span: at the default level it costs nothing (an enabled span's fields
+        // are formatted into a new string per knock); the warnings below name the knock.
+        let span = tracing::debug_span!("knock", %src, device, app);
         let _entered = span.enter();
         if let Decision::Allow {
             pinhole,
@@ -409,7 +414,7 @@ fn serve(
                     .map_err(|e| e.to_string())
             });
             if let Err(e) = opened {
-                tracing::error!(error = %e, "pinhole could not be opened");
+                tracing::error!(%src, device, app, error = %e, "pinhole could not be opened");
                 audit_firewall_error(audit, now, src);
                 continue;
             }
@@ -418,7 +423,7 @@ fn serve(
             // Same path as revocation: session element and pinholes go in one batch,
             // then the session's conntrack entries.
             if let Err(e) = firewall.close_session(*session) {
-                tracing::error!(session = session.0, error = %e, "closed session could not be removed");
+                tracing::error!(%src, device, app, session = session.0, error = %e, "closed session could not be removed");
                 audit_firewall_error(audit, now, src);
                 continue;
             }
@@ -435,7 +440,11 @@ fn serve(
             current.as_deref(),
             counters,
         );
-        intake.record_with(now, src, &decision, json!({ "reply": replied }));
+        let extra = crate::audit::KnockExtra {
+            reply: Some(replied),
+            ..Default::default()
+        };
+        intake.record_with(now, src, &decision, extra);
         reporter.record(audit, &mut pipeline, &no_extra, now);
         reporter.publish_if_due(&pipeline, now);
     }

@@ -20,8 +20,10 @@ use std::time::{Duration, Instant};
 use postern_protocol::packet;
 use serde_json::{json, Value};
 
-use crate::admission::{Counters, FairQueue, LineLimiter, Pushed, SourceTable, TokenBucket};
-use crate::audit::AuditLog;
+use crate::admission::{
+    Counters, DatagramPool, FairQueue, LineLimiter, Pushed, SourceTable, TokenBucket,
+};
+use crate::audit::{AuditLog, KnockExtra};
 use crate::capture::{Capture, Peer, BUFFER_LEN};
 use crate::clock::Clock;
 use crate::pipeline::{Authenticated, Decision, Opener};
@@ -64,6 +66,8 @@ struct Item {
 
 struct Shared {
     queue: Mutex<FairQueue<Item>>,
+    /// The queued datagrams' buffers, reused (no allocation per packet).
+    datagrams: DatagramPool,
     ready: Condvar,
     budget: Mutex<TokenBucket>,
     counters: Arc<Counters>,
@@ -92,10 +96,9 @@ impl Shared {
         self.counters.add(reason, 1);
         let allowed = lock(&self.lines).allow(self.mono_ms());
         if let Some(suppressed) = allowed {
-            let extra = if suppressed > 0 {
-                json!({ "suppressed": suppressed })
-            } else {
-                Value::Null
+            let extra = KnockExtra {
+                suppressed: (suppressed > 0).then_some(suppressed),
+                ..KnockExtra::default()
             };
             self.audit
                 .knock_with(self.clock.now_ms(), src, &Decision::Drop { reason }, extra);
@@ -134,6 +137,7 @@ impl Intake {
     ) -> io::Result<Intake> {
         let shared = Arc::new(Shared {
             queue: Mutex::new(FairQueue::new(limits.crypto_queue)),
+            datagrams: DatagramPool::default(),
             ready: Condvar::new(),
             budget: Mutex::new(TokenBucket::new(
                 limits.crypto_budget,
@@ -198,12 +202,12 @@ impl Intake {
     /// Counts a decision; writes its audit line (drops are rate-limited, authenticated
     /// decisions always get their own line).
     pub fn record(&self, ts_ms: u64, src: IpAddr, decision: &Decision) {
-        self.record_with(ts_ms, src, decision, Value::Null);
+        self.record_with(ts_ms, src, decision, KnockExtra::default());
     }
 
     /// [`Intake::record`] with extra fields on an authenticated decision's line (e.g.
     /// `reply`); drop lines never carry them.
-    pub fn record_with(&self, ts_ms: u64, src: IpAddr, decision: &Decision, extra: Value) {
+    pub fn record_with(&self, ts_ms: u64, src: IpAddr, decision: &Decision, extra: KnockExtra) {
         match decision {
             Decision::Drop { reason } => self.shared.drop_line(src, reason),
             _ => {
@@ -274,15 +278,21 @@ fn capture_loop(
         let item = Item {
             src,
             peer,
-            datagram: datagram.to_vec(),
+            datagram: shared.datagrams.copy_of(datagram),
             received: Instant::now(),
         };
         let pushed = lock(&shared.queue).push(src, item);
         shared.ready.notify_one();
         match pushed {
             Pushed::Queued => {}
-            Pushed::DroppedNewcomer(_) => shared.drop_line(src, "queue_full"),
-            Pushed::DroppedOldest(from, _) => shared.drop_line(from, "queue_full"),
+            Pushed::DroppedNewcomer(item) => {
+                shared.datagrams.give_back(item.datagram);
+                shared.drop_line(src, "queue_full");
+            }
+            Pushed::DroppedOldest(from, item) => {
+                shared.datagrams.give_back(item.datagram);
+                shared.drop_line(from, "queue_full");
+            }
         }
     }
 }
@@ -327,6 +337,7 @@ fn worker_loop(opener: &Opener, view: &SharedView, shared: &Shared, tx: &SyncSen
         let (_, item) = next;
         let current = view.load();
         let result = opener.authenticate(current.as_deref(), &item.datagram, shared.clock.now_ms());
+        shared.datagrams.give_back(item.datagram);
         let outcome = Outcome {
             src: item.src,
             peer: item.peer,

@@ -16,7 +16,7 @@ use postern_protocol::packet::{self, flags, Knock, OpenError};
 use postern_protocol::snapshot::AppProtocol;
 
 use crate::local_policy::PolicyDenial;
-use crate::registry::{Refusal, RegistryView};
+use crate::registry::{DeviceEntry, Refusal, RegistryView};
 use crate::replay_state::ReplayState;
 
 mod continuous;
@@ -112,13 +112,17 @@ pub fn replay_window_ms(limits: &PipelineLimits) -> u64 {
     2 * limits.max_skew_ms
 }
 
+/// What names a session: device, app (the view's interned name, so building a key copies
+/// nothing) and client address.
+type SessionKey = (DeviceId, Arc<str>, IpAddr);
+
 /// Live sessions as the gateway remembers them, so a re-knock renews the same session
 /// (same conntrack mark) instead of stacking new ones. The kernel's timeouts are the
 /// truth; this table only maps (device, app, address) to a session id.
 #[derive(Debug, Default)]
 struct SessionTable {
-    by_key: HashMap<(DeviceId, String, IpAddr), (SessionId, u64)>,
-    by_id: HashMap<u32, (DeviceId, String, IpAddr)>,
+    by_key: HashMap<SessionKey, (SessionId, u64)>,
+    by_id: HashMap<u32, SessionKey>,
     /// Per live session: who, source, opened/renewed times (pipeline/lifecycle.rs).
     records: HashMap<u32, lifecycle::SessionRecord>,
     /// Lifecycle events not yet taken by the daemon (pipeline/lifecycle.rs).
@@ -133,7 +137,7 @@ impl SessionTable {
     /// Returns the session for `key` (renewed) or a fresh one from `new_id`.
     fn session(
         &mut self,
-        key: (DeviceId, String, IpAddr),
+        key: SessionKey,
         now_ms: u64,
         ttl_ms: u64,
         new_id: &mut dyn FnMut() -> u32,
@@ -165,7 +169,7 @@ impl SessionTable {
     }
 
     /// Forgets and returns the live session for `key`, if there is one at `now_ms`.
-    fn close(&mut self, key: &(DeviceId, String, IpAddr), now_ms: u64) -> Option<SessionId> {
+    fn close(&mut self, key: &SessionKey, now_ms: u64) -> Option<SessionId> {
         let (id, expires) = self.by_key.remove(key)?;
         self.by_id.remove(&id.0);
         (now_ms < expires).then_some(id)
@@ -381,8 +385,8 @@ impl KnockPipeline {
     /// session the grant no longer allows was closed when the grant went.
     fn close(
         &mut self,
-        device_id: DeviceId,
         knock: &Knock,
+        key: Option<SessionKey>,
         src: IpAddr,
         now_ms: u64,
         who: Who,
@@ -394,8 +398,9 @@ impl KnockPipeline {
                 policy: None,
             };
         }
-        let key = (device_id, knock.app.clone(), src.to_canonical());
-        match self.sessions.close(&key, now_ms) {
+        // An app the view no longer has has no live session (closed with the app).
+        let closed = key.and_then(|key| self.sessions.close(&key, now_ms));
+        match closed {
             Some(session) => {
                 self.sessions
                     .retire(session, close_reason::CLIENT_CLOSE, now_ms);
@@ -406,6 +411,30 @@ impl KnockPipeline {
                 who,
                 policy: None,
             },
+        }
+    }
+
+    /// Who knocked: a knock for a live session reuses that session's names (no allocation
+    /// per renewal) unless the view renamed the device or moved it to another user.
+    fn who(
+        &self,
+        view: &RegistryView,
+        device: &DeviceEntry,
+        device_id: DeviceId,
+        app: &str,
+        key: Option<&SessionKey>,
+    ) -> Who {
+        let (name, user) = (view.device_name(device), view.device_user(device));
+        if let Some(known) = key.and_then(|k| self.sessions.who_of(k)) {
+            if *known.device_name == *name && *known.user == *user {
+                return known.clone();
+            }
+        }
+        Who {
+            device: device_id.to_string().into(),
+            device_name: name.into(),
+            user: user.into(),
+            app: key.map_or_else(|| app.into(), |k| Arc::clone(&k.1)),
         }
     }
 
@@ -449,12 +478,10 @@ impl KnockPipeline {
                 reason: "unknown_device",
             };
         };
-        let who = Who {
-            device: device_id.to_string().into(),
-            device_name: view.device_name(device).into(),
-            user: view.device_user(device).into(),
-            app: knock.app.as_str().into(),
-        };
+        let addr = src.to_canonical();
+        let app = view.app_entry(&knock.app);
+        let key = app.map(|(_, name)| (device_id, Arc::clone(name), addr));
+        let who = self.who(view, device, device_id, &knock.app, key.as_ref());
         let deny = |reason: &'static str| Decision::Deny {
             reason,
             who: who.clone(),
@@ -470,13 +497,20 @@ impl KnockPipeline {
             return deny("device_revoked");
         }
         if knock.flags & flags::CLOSE != 0 {
-            return self.close(device_id, &knock, src, now_ms, who);
+            return self.close(&knock, key, src, now_ms, who);
         }
-        let Some(app) = view.app(&knock.app) else {
+        let (Some((app, _)), Some(key)) = (app, key) else {
             return deny("unknown_app");
         };
-        let addr = src.to_canonical();
-        let permit = match view.permit(&device_id, &who.user, &app.name, addr, now_ms) {
+        // A renewal under the same view, before its decision's `valid_until`, reuses that
+        // decision (the policy engine is not run again; see SessionTerms::decided).
+        let decided = self
+            .sessions
+            .decided(&key, view.generation(), now_ms)
+            .map(Ok);
+        let permit = match decided
+            .unwrap_or_else(|| view.permit(&device_id, &who.user, &app.name, addr, now_ms))
+        {
             Ok(permit) => permit,
             Err(refusal) => {
                 let policy = match &refusal {
@@ -497,7 +531,6 @@ impl KnockPipeline {
         if let Some(reason) = self.claimed_addr_refusal(&knock, src) {
             return deny(reason);
         }
-        let key = (device_id, app.name.clone(), addr);
         let (opened_at_ms, cap_at_ms) =
             self.sessions
                 .opening(&key, now_ms, self.limits.max_session_ms);
@@ -511,6 +544,7 @@ impl KnockPipeline {
                 opened_at_ms,
                 cap_at_ms,
                 valid_until_ms: permit.valid_until_ms,
+                decided: (view.generation(), permit),
             },
         );
         self.sessions
@@ -644,7 +678,7 @@ mod tests {
             timestamp_ms: ts,
             nonce: [nonce; 16],
             flags: flags::KNOCK,
-            app: app.into(),
+            app: postern_protocol::AppName::new(app).expect("valid app name"),
             claimed_addr: Some(SRC.parse().expect("literal")),
             posture_digest: [0; 32],
         }

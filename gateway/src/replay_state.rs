@@ -95,6 +95,8 @@ struct Journal {
     durable: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     syncer: Option<JoinHandle<()>>,
+    /// The knock path's line buffer, reused (no allocation per knock).
+    scratch: String,
 }
 
 fn fnv(body: &str) -> u32 {
@@ -107,7 +109,20 @@ fn fnv(body: &str) -> u32 {
 }
 
 fn line(body: &str) -> String {
-    format!("{body} {:08x}\n", fnv(body))
+    let mut out = String::new();
+    push_line(&mut out, format_args!("{body}"));
+    out
+}
+
+/// Appends the journal line `body`, then its checksum and newline, to `out` (no
+/// allocation once `out` has room: the knock path reuses one buffer).
+fn push_line(out: &mut String, body: std::fmt::Arguments<'_>) {
+    use std::fmt::Write as _;
+    let start = out.len();
+    // Writing to a String cannot fail.
+    let _ = out.write_fmt(body);
+    let sum = fnv(&out[start..]);
+    let _ = writeln!(out, " {sum:08x}");
 }
 
 /// The kernel's boot id ("" if unreadable: then every restart counts as a reboot).
@@ -199,8 +214,13 @@ fn hex16(s: &str) -> Option<[u8; 16]> {
     Some(out)
 }
 
-fn hex(bytes: &[u8; 16]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// 16 bytes as 32 lowercase hex digits, formatted in place.
+struct Hex<'a>(&'a [u8; 16]);
+
+impl std::fmt::Display for Hex<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
 }
 
 impl ReplayState {
@@ -308,6 +328,7 @@ impl ReplayState {
             durable: Arc::new(AtomicU64::new(0)),
             stop: Arc::new(AtomicBool::new(false)),
             syncer: None,
+            scratch: String::with_capacity(256),
         };
         journal.compact(&cache).map_err(io_err)?;
         journal.start_syncer().map_err(io_err)?;
@@ -343,15 +364,21 @@ impl ReplayState {
             return Ok(());
         };
         let hw = self.cache.high_water_ms();
-        let mut text = line(&format!(
-            "seen {} {} {timestamp_ms} {hw}",
-            hex(&device.0),
-            hex(&nonce)
-        ));
+        let mut text = std::mem::take(&mut j.scratch);
+        text.clear();
+        push_line(
+            &mut text,
+            format_args!(
+                "seen {} {} {timestamp_ms} {hw}",
+                Hex(&device.0),
+                Hex(&nonce)
+            ),
+        );
         if let Some(f) = self.cache.floor().filter(|f| Some(*f) != floor_before) {
-            text.push_str(&line(&format!("floor {f}")));
+            push_line(&mut text, format_args!("floor {f}"));
         }
         let written = j.ensure_lease(hw).and_then(|()| j.append(&text));
+        j.scratch = text;
         if let Err(e) = written {
             tracing::error!(error = %e, dir = %j.dir.display(), "replay journal write failed: knock refused");
             return Err("state_error");
@@ -442,7 +469,10 @@ impl Journal {
         }
         text.push_str(&line(&format!("lease {lease}")));
         for (d, n, ts) in cache.entries() {
-            text.push_str(&line(&format!("seen {} {} {ts} {hw}", hex(&d.0), hex(&n))));
+            push_line(
+                &mut text,
+                format_args!("seen {} {} {ts} {hw}", Hex(&d.0), Hex(&n)),
+            );
         }
         crate::atomic_file::write_atomic(&self.dir, JOURNAL, text.as_bytes())?;
         let final_path = self.dir.join(JOURNAL);

@@ -14,10 +14,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use postern_protocol::snapshot::SessionKill;
-use serde_json::{json, Map, Value};
+use std::net::IpAddr;
+
+use postern_firewall::SessionId;
+use serde::Serialize;
+use serde_json::Value;
 
 use crate::audit::AuditLog;
-use crate::pipeline::{global_session_id, KnockPipeline, SessionEvent};
+use crate::pipeline::{KnockPipeline, SessionEvent};
 use crate::session_board::SessionBoard;
 
 /// Shortest interval between two publications while sessions keep changing.
@@ -34,6 +38,8 @@ pub struct SessionReporter {
     next_publish: Instant,
     /// This gateway's kills already applied (those the latest view still carries).
     applied_kills: BTreeSet<SessionKill>,
+    /// The events being recorded, reused (no allocation per knock).
+    events: Vec<SessionEvent>,
 }
 
 impl SessionReporter {
@@ -44,6 +50,7 @@ impl SessionReporter {
             dirty: false,
             next_publish: Instant::now(),
             applied_kills: BTreeSet::new(),
+            events: Vec::new(),
         }
     }
 
@@ -76,18 +83,23 @@ impl SessionReporter {
         extra: &HashMap<u32, Value>,
         ts_ms: u64,
     ) {
-        let events = pipeline.take_session_events();
-        if events.is_empty() {
+        pipeline.move_session_events_into(&mut self.events);
+        if self.events.is_empty() {
             return;
         }
         self.dirty = true;
-        for event in &events {
-            let mut fields = lifecycle_fields(&self.gateway, event);
-            if let Some(Value::Object(more)) = extra.get(&event.info().session.0) {
-                fields.extend(more.clone());
-            }
-            audit.event(ts_ms, event.name(), Value::Object(fields));
+        for event in &self.events {
+            let more = extra
+                .get(&event.info().session.0)
+                .and_then(Value::as_object);
+            audit.record(
+                ts_ms,
+                event.name(),
+                &lifecycle_fields(&self.gateway, event),
+                more,
+            );
         }
+        self.events.clear();
     }
 
     /// Publishes the live-session list if something changed and the last publication is
@@ -102,52 +114,105 @@ impl SessionReporter {
     }
 }
 
-/// The fields of one lifecycle audit line (without `ts_ms` and `event`).
-pub fn lifecycle_fields(gateway: &str, event: &SessionEvent) -> Map<String, Value> {
+/// The fields of one lifecycle audit line (without `ts_ms` and `event`), borrowed from the
+/// event: rendered straight into the audit line (no JSON tree, no allocation).
+#[derive(Debug, Serialize)]
+pub struct LifecycleFields<'a> {
+    /// Six lowercase hex digits.
+    session: SessionHex,
+    /// `GATEWAY:HEXID`, what `session kill` takes ([`crate::pipeline::global_session_id`]).
+    session_id: GlobalSessionId<'a>,
+    device: &'a str,
+    device_name: &'a str,
+    user: &'a str,
+    app: &'a str,
+    source: IpAddr,
+    opened_at_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    renewed_at_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_at_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    closed_at_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duration_ms: Option<u64>,
+}
+
+/// A session id as six lowercase hex digits.
+#[derive(Debug, Clone, Copy)]
+struct SessionHex(SessionId);
+
+impl std::fmt::Display for SessionHex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:06x}", self.0 .0)
+    }
+}
+
+impl Serialize for SessionHex {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// [`crate::pipeline::global_session_id`] without building the string.
+#[derive(Debug, Clone, Copy)]
+struct GlobalSessionId<'a>(&'a str, SessionId);
+
+impl std::fmt::Display for GlobalSessionId<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.0, SessionHex(self.1))
+    }
+}
+
+impl Serialize for GlobalSessionId<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// The fields of `event`'s audit line, reported under `gateway`'s name.
+pub fn lifecycle_fields<'a>(gateway: &'a str, event: &'a SessionEvent) -> LifecycleFields<'a> {
     let info = event.info();
-    let mut map = Map::new();
-    let mut put = |k: &str, v: Value| {
-        map.insert(k.to_owned(), v);
+    let mut fields = LifecycleFields {
+        session: SessionHex(info.session),
+        session_id: GlobalSessionId(gateway, info.session),
+        device: &info.who.device,
+        device_name: &info.who.device_name,
+        user: &info.who.user,
+        app: &info.who.app,
+        source: info.source,
+        opened_at_ms: info.opened_at_ms,
+        renewed_at_ms: None,
+        expires_at_ms: None,
+        reason: None,
+        closed_at_ms: None,
+        duration_ms: None,
     };
-    put("session", json!(format!("{:06x}", info.session.0)));
-    put(
-        "session_id",
-        json!(global_session_id(gateway, info.session)),
-    );
-    put("device", json!(&*info.who.device));
-    put("device_name", json!(&*info.who.device_name));
-    put("user", json!(&*info.who.user));
-    put("app", json!(&*info.who.app));
-    put("source", json!(info.source.to_string()));
-    put("opened_at_ms", json!(info.opened_at_ms));
     match event {
-        SessionEvent::Opened(_) => {
-            map.insert("expires_at_ms".into(), json!(info.expires_at_ms));
-        }
+        SessionEvent::Opened(_) => fields.expires_at_ms = Some(info.expires_at_ms),
         SessionEvent::Renewed(_) => {
-            map.insert("renewed_at_ms".into(), json!(info.renewed_at_ms));
-            map.insert("expires_at_ms".into(), json!(info.expires_at_ms));
+            fields.renewed_at_ms = Some(info.renewed_at_ms);
+            fields.expires_at_ms = Some(info.expires_at_ms);
         }
         SessionEvent::Closed {
             reason,
             closed_at_ms,
             ..
         } => {
-            map.insert("reason".into(), json!(reason));
-            map.insert("closed_at_ms".into(), json!(closed_at_ms));
-            map.insert(
-                "duration_ms".into(),
-                json!(closed_at_ms.saturating_sub(info.opened_at_ms)),
-            );
+            fields.reason = Some(reason);
+            fields.closed_at_ms = Some(*closed_at_ms);
+            fields.duration_ms = Some(closed_at_ms.saturating_sub(info.opened_at_ms));
         }
     }
-    map
+    fields
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::{close_reason, SessionInfo, Who};
+    use crate::pipeline::{close_reason, global_session_id, SessionInfo, Who};
     use postern_firewall::SessionId;
 
     fn info() -> SessionInfo {
@@ -190,15 +255,23 @@ mod tests {
 
     #[test]
     fn lines_name_the_session_both_ways_and_closed_lines_carry_the_duration() {
-        let opened = lifecycle_fields("edge-1", &SessionEvent::Opened(info()));
+        let line = |gateway: &str, event: &SessionEvent| {
+            serde_json::to_value(lifecycle_fields(gateway, event)).expect("serializable")
+        };
+        let opened = line("edge-1", &SessionEvent::Opened(info()));
+        assert_eq!(
+            global_session_id("edge-1", info().session),
+            opened["session_id"],
+            "the line's id is what `session kill` takes"
+        );
         assert_eq!(opened["session"], "000abc");
         assert_eq!(opened["session_id"], "edge-1:000abc");
         assert_eq!(opened["device_name"], "laptop");
         assert_eq!(opened["source"], "10.1.1.1");
         assert_eq!(opened["expires_at_ms"], 61_500);
-        let renewed = lifecycle_fields("edge-1", &SessionEvent::Renewed(info()));
+        let renewed = line("edge-1", &SessionEvent::Renewed(info()));
         assert_eq!(renewed["renewed_at_ms"], 1_500);
-        let closed = lifecycle_fields(
+        let closed = line(
             "edge-1",
             &SessionEvent::Closed {
                 info: info(),

@@ -25,7 +25,7 @@ fn knock(device: &DeviceSigningKey, nonce: u8) -> Knock {
         timestamp_ms: NOW,
         nonce: [nonce; 16],
         flags: flags::KNOCK,
-        app: "ssh".into(),
+        app: postern_protocol::AppName::new("ssh").expect("valid app name"),
         claimed_addr: Some("10.1.1.1".parse().expect("literal")),
         posture_digest: [0; 32],
     }

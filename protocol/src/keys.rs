@@ -241,8 +241,14 @@ impl DevicePublicKey {
 
     /// Parse `ed25519:<base64>`; refuses non-points and weak keys.
     pub fn from_text(s: &str) -> Result<Self, KeyError> {
-        let bytes = decode_prefixed_32(s, DEVICE_PUBLIC_PREFIX, "device public key")?;
-        Self::from_bytes(&bytes)
+        Self::from_bytes(&Self::text_bytes(s)?)
+    }
+
+    /// The 32 bytes of `ed25519:<base64>`, not yet checked to be a usable point (cheap:
+    /// no curve arithmetic). Lets a caller that already holds a parsed key for the same
+    /// bytes reuse it instead of decompressing the point again (about 4 µs per key).
+    pub fn text_bytes(s: &str) -> Result<[u8; 32], KeyError> {
+        decode_prefixed_32(s, DEVICE_PUBLIC_PREFIX, "device public key").map(|b| *b)
     }
 
     /// The 32 raw bytes.

@@ -21,8 +21,8 @@ pub use keys::{
     KeyError,
 };
 pub use packet::{
-    check_freshness, flags, open, precheck, seal, Knock, OpenError, OpenedKnock, SealError,
-    SealRandomness, MAX_APP_LEN, MAX_PACKET_LEN, VERSION,
+    check_freshness, flags, open, precheck, seal, AppName, Knock, OpenError, OpenedKnock,
+    SealError, SealRandomness, MAX_APP_LEN, MAX_PACKET_LEN, VERSION,
 };
 pub use replay::ReplayCache;
 pub use snapshot::{

@@ -90,11 +90,75 @@ pub struct Knock {
     /// Bits from [`flags`]; at least one must be set, no other bit may be.
     pub flags: u8,
     /// App name, 1..=64 bytes of `[a-z0-9._-]`.
-    pub app: String,
+    pub app: AppName,
     /// Address the client believes it knocks from (for NAT); `None` = use the source address.
     pub claimed_addr: Option<IpAddr>,
     /// Posture digest; all zeros until posture exists.
     pub posture_digest: [u8; 32],
+}
+
+/// An app name as a knock carries it: 1..=64 bytes of `[a-z0-9._-]` (checked by
+/// [`AppName::new`]), held inline so that opening a knock allocates nothing (issue 7).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AppName {
+    buf: [u8; MAX_APP_LEN],
+    len: u8,
+}
+
+impl AppName {
+    /// `name` if it is a valid app name, else why not.
+    pub fn new(name: &str) -> Result<AppName, &'static str> {
+        validate_app(name)?;
+        let mut buf = [0u8; MAX_APP_LEN];
+        buf[..name.len()].copy_from_slice(name.as_bytes());
+        Ok(AppName {
+            buf,
+            len: name.len() as u8, // at most 64: validate_app
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only `new` builds one, from a valid (ASCII) name.
+        std::str::from_utf8(&self.buf[..usize::from(self.len)]).unwrap_or("")
+    }
+}
+
+impl std::ops::Deref for AppName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Debug for AppName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl std::fmt::Display for AppName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<str> for AppName {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for AppName {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl std::str::FromStr for AppName {
+    type Err = &'static str;
+    fn from_str(s: &str) -> Result<AppName, &'static str> {
+        AppName::new(s)
+    }
 }
 
 /// Caller-supplied randomness for [`seal`]: the 32-byte X25519 ephemeral secret.
@@ -199,7 +263,7 @@ pub struct OpenedKnock {
     /// The parsed (unverified) fields.
     pub knock: Knock,
     /// SIGNATURE_CONTEXT || header || inner plaintext without the signature.
-    signed: Vec<u8>,
+    signed: SignedMessage,
     signature: [u8; SIGNATURE_LEN],
 }
 
@@ -217,7 +281,7 @@ impl OpenedKnock {
         }
         let sig = Signature::from_bytes(&self.signature);
         key.verifying_key()
-            .verify_strict(&self.signed, &sig)
+            .verify_strict(self.signed.as_slice(), &sig)
             .map_err(|_| OpenError::BadSignature)?;
         Ok(self.knock)
     }
@@ -272,12 +336,41 @@ fn build_header(key_id: GatewayKeyId, ephemeral_public: &[u8; 32]) -> [u8; HEADE
     h
 }
 
-fn signature_message(header: &[u8], inner_unsigned: &[u8]) -> Vec<u8> {
-    let mut m = Vec::with_capacity(SIGNATURE_CONTEXT.len() + header.len() + inner_unsigned.len());
-    m.extend_from_slice(SIGNATURE_CONTEXT);
-    m.extend_from_slice(header);
-    m.extend_from_slice(inner_unsigned);
-    m
+/// The longest signed message: context, header, inner plaintext without the signature.
+const MAX_SIGNED_LEN: usize = SIGNATURE_CONTEXT.len() + HEADER_LEN + MAX_INNER_LEN;
+
+/// `SIGNATURE_CONTEXT || header || inner plaintext without the signature`, held inline so
+/// opening a knock allocates nothing (issue 7).
+#[derive(Clone)]
+struct SignedMessage {
+    buf: [u8; MAX_SIGNED_LEN],
+    len: usize,
+}
+
+impl SignedMessage {
+    /// `None` when the parts are longer than any valid knock's (callers bound them first).
+    fn new(header: &[u8], inner_unsigned: &[u8]) -> Option<SignedMessage> {
+        let mut m = SignedMessage {
+            buf: [0; MAX_SIGNED_LEN],
+            len: 0,
+        };
+        for part in [SIGNATURE_CONTEXT, header, inner_unsigned] {
+            let end = m.len.checked_add(part.len())?;
+            m.buf.get_mut(m.len..end)?.copy_from_slice(part);
+            m.len = end;
+        }
+        Some(m)
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl std::fmt::Debug for SignedMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SignedMessage({} bytes)", self.len)
+    }
 }
 
 /// Build, sign and encrypt one knock datagram to `gateway`.
@@ -328,8 +421,11 @@ pub fn seal(
     }
     inner.extend_from_slice(&knock.posture_digest);
 
-    let msg = signature_message(&header, &inner);
-    let sig = device_key.signing_key().sign(&msg);
+    // validate_app bounds the inner plaintext, so this cannot fail with v1 sizes.
+    let msg = SignedMessage::new(&header, &inner).ok_or(SealError::Crypto(
+        "signed message longer than a knock allows",
+    ))?;
+    let sig = device_key.signing_key().sign(msg.as_slice());
     inner.extend_from_slice(&sig.to_bytes());
 
     let key = derive_key(shared.as_bytes(), &header, &gateway.0)
@@ -398,12 +494,15 @@ pub fn open(datagram: &[u8], gateway: &GatewaySecret) -> Result<OpenedKnock, Ope
     let key = derive_key(shared.as_bytes(), header, &gateway_public.0).ok_or(OpenError::Decrypt)?;
     drop(shared);
 
-    let mut buf = Zeroizing::new(body.to_vec());
+    // precheck bounds the datagram, so the body fits (no allocation per knock).
+    let mut buf = Zeroizing::new([0u8; MAX_INNER_LEN + TAG_LEN]);
+    let in_out = buf.get_mut(..body.len()).ok_or(OpenError::TooLong)?;
+    in_out.copy_from_slice(body);
     let plain = key
         .open_in_place(
             aead::Nonce::assume_unique_for_key([0u8; 12]),
             aead::Aad::from(header),
-            &mut buf,
+            in_out,
         )
         .map_err(|_| OpenError::Decrypt)?;
     parse_inner(header, plain)
@@ -446,7 +545,6 @@ fn parse_inner(header: &[u8], plain: &[u8]) -> Result<OpenedKnock, OpenError> {
     let app_bytes = r.take(usize::from(app_len), "truncated app name")?;
     let app = std::str::from_utf8(app_bytes)
         .map_err(|_| OpenError::Malformed("app name is not UTF-8"))?;
-    validate_app(app).map_err(OpenError::Malformed)?;
     let claimed_addr = match r.u8("truncated address family")? {
         ADDR_NONE => None,
         ADDR_V4 => Some(IpAddr::V4(Ipv4Addr::from(
@@ -472,11 +570,11 @@ fn parse_inner(header: &[u8], plain: &[u8]) -> Result<OpenedKnock, OpenError> {
             timestamp_ms,
             nonce,
             flags,
-            app: app.to_owned(),
+            app: AppName::new(app).map_err(OpenError::Malformed)?,
             claimed_addr,
             posture_digest,
         },
-        signed: signature_message(header, unsigned),
+        signed: SignedMessage::new(header, unsigned).ok_or(OpenError::TooLong)?,
         signature,
     })
 }
@@ -501,7 +599,7 @@ mod tests {
             timestamp_ms: 1_700_000_000_000,
             nonce: [5u8; 16],
             flags: flags::KNOCK,
-            app: "ssh".into(),
+            app: AppName::new("ssh").expect("valid app name"),
             claimed_addr: Some(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7))),
             posture_digest: [0u8; 32],
         }
@@ -544,22 +642,11 @@ mod tests {
             ephemeral_secret: [3u8; 32],
         };
         let mut k = knock(&dev);
-        k.app = "SSH".into();
-        assert!(matches!(
-            seal(&k, &dev, &gw, r()),
-            Err(SealError::InvalidApp(_))
-        ));
-        k.app = String::new();
-        assert!(matches!(
-            seal(&k, &dev, &gw, r()),
-            Err(SealError::InvalidApp(_))
-        ));
-        k.app = "a".repeat(65);
-        assert!(matches!(
-            seal(&k, &dev, &gw, r()),
-            Err(SealError::InvalidApp(_))
-        ));
-        k.app = "a".repeat(64);
+        // An invalid name cannot be put in a knock at all.
+        for bad in ["SSH", "", &"a".repeat(65), "s h", "é"] {
+            assert!(AppName::new(bad).is_err(), "{bad:?} accepted");
+        }
+        k.app = AppName::new(&"a".repeat(64)).expect("64 bytes is the limit");
         assert!(seal(&k, &dev, &gw, r()).is_ok());
         k.flags = 16;
         assert!(matches!(

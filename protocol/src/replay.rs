@@ -28,12 +28,16 @@
 //! mattering, because those timestamps are stale anyway); the cache never grows past
 //! `capacity` and never accepts a replay.
 
-use std::collections::{BTreeSet, HashSet};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashSet};
 
 use crate::keys::DeviceId;
 use crate::packet::OpenError;
 
 type Key = (DeviceId, [u8; 16]);
+
+/// Below this many slots the index is never shrunk.
+const SHRINK_ABOVE: usize = 4096;
 
 /// Bounded (capacity) replay cache; entries expire at `timestamp + window`.
 #[derive(Debug, Clone)]
@@ -42,8 +46,10 @@ pub struct ReplayCache {
     window_ms: u64,
     /// Membership by (device, nonce).
     seen: HashSet<Key>,
-    /// Same entries ordered by timestamp (expiry order, since the window is constant).
-    by_time: BTreeSet<(u64, DeviceId, [u8; 16])>,
+    /// Same entries as a min-heap by timestamp (expiry order, since the window is
+    /// constant). A heap in one vector, not a B-tree: once it has grown to the number of
+    /// live entries, inserting and expiring allocate nothing (issue 7).
+    by_time: BinaryHeap<Reverse<(u64, DeviceId, [u8; 16])>>,
     /// Knocks with `timestamp_ms <= floor` are refused (set by capacity eviction).
     floor: Option<u64>,
     /// Highest `now_ms` seen so far.
@@ -58,7 +64,7 @@ impl ReplayCache {
             capacity: capacity.max(1),
             window_ms,
             seen: HashSet::new(),
-            by_time: BTreeSet::new(),
+            by_time: BinaryHeap::new(),
             floor: None,
             high_water_ms: 0,
         }
@@ -94,10 +100,10 @@ impl ReplayCache {
             return Err(OpenError::Replay);
         }
         if self.seen.len() >= self.capacity {
-            let oldest = self.by_time.first().copied();
+            let oldest = self.by_time.peek().map(|Reverse(e)| *e);
             match oldest {
                 Some(oldest) if oldest.0 < timestamp_ms => {
-                    self.by_time.remove(&oldest);
+                    self.by_time.pop();
                     self.seen.remove(&(oldest.1, oldest.2));
                     self.floor = Some(self.floor.map_or(oldest.0, |f| f.max(oldest.0)));
                 }
@@ -107,18 +113,26 @@ impl ReplayCache {
             }
         }
         self.seen.insert(key);
-        self.by_time.insert((timestamp_ms, device, nonce));
+        self.by_time.push(Reverse((timestamp_ms, device, nonce)));
         Ok(())
     }
 
     /// Drop entries whose expiry (`timestamp + window`) is before `now`.
     fn expire(&mut self, now: u64) {
-        while let Some(&first) = self.by_time.first() {
+        while let Some(&Reverse(first)) = self.by_time.peek() {
             if first.0.saturating_add(self.window_ms) >= now {
                 break;
             }
-            self.by_time.remove(&first);
+            self.by_time.pop();
             self.seen.remove(&(first.1, first.2));
+        }
+        // After a burst, give most of the room back (rare: only when the live entries
+        // fall below a quarter of it).
+        if self.by_time.capacity() > SHRINK_ABOVE
+            && self.by_time.len() < self.by_time.capacity() / 4
+        {
+            self.by_time.shrink_to(self.by_time.len() * 2);
+            self.seen.shrink_to(self.seen.len() * 2);
         }
     }
 
@@ -166,9 +180,13 @@ impl ReplayCache {
         self.window_ms
     }
 
-    /// The remembered entries `(device, nonce, timestamp_ms)`, oldest first.
+    /// The remembered entries `(device, nonce, timestamp_ms)`, oldest first (sorted on
+    /// each call: for persisting, not for the knock path).
     pub fn entries(&self) -> impl Iterator<Item = (DeviceId, [u8; 16], u64)> + '_ {
-        self.by_time.iter().map(|&(ts, d, n)| (d, n, ts))
+        let mut sorted: Vec<(u64, DeviceId, [u8; 16])> =
+            self.by_time.iter().map(|Reverse(e)| *e).collect();
+        sorted.sort_unstable();
+        sorted.into_iter().map(|(ts, d, n)| (d, n, ts))
     }
 }
 

@@ -400,7 +400,7 @@ mod tests {
             timestamp_ms: 1_700_000_000_000,
             nonce: NONCE,
             flags: flags::KNOCK,
-            app: "ssh".into(),
+            app: crate::packet::AppName::new("ssh").expect("valid app name"),
             claimed_addr: None,
             posture_digest: [0; 32],
         };

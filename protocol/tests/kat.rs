@@ -66,7 +66,7 @@ fn knock_v1_vectors() {
             timestamp_ms: v["timestamp_ms"].as_u64().expect("timestamp_ms u64"),
             nonce: arr(v, "nonce"),
             flags: u8::try_from(v["flags"].as_u64().expect("flags")).expect("flags fit u8"),
-            app: s(v, "app").to_owned(),
+            app: postern_protocol::AppName::new(s(v, "app")).expect("vectors name valid apps"),
             claimed_addr,
             posture_digest: arr(v, "posture_digest"),
         };

@@ -26,7 +26,7 @@ fn sample_knock(dev: &DeviceSigningKey) -> Knock {
         timestamp_ms: 1_767_225_600_000,
         nonce: [0x33; 16],
         flags: flags::KNOCK,
-        app: "ssh".into(),
+        app: postern_protocol::AppName::new("ssh").expect("valid app name"),
         claimed_addr: Some(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 5))),
         posture_digest: [0; 32],
     }
@@ -389,7 +389,7 @@ proptest! {
         let gw = GatewaySecret::from_bytes(gw_secret);
         let knock = Knock {
             device: dev.public_key().device_id(),
-            timestamp_ms, nonce, flags, app, claimed_addr, posture_digest,
+            timestamp_ms, nonce, flags, app: postern_protocol::AppName::new(&app).expect("strategy makes valid names"), claimed_addr, posture_digest,
         };
         let d = seal(&knock, &dev, &gw.public_key(), SealRandomness { ephemeral_secret: eph })
             .map_err(|e| TestCaseError::fail(e.to_string()))?;

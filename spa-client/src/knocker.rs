@@ -117,7 +117,9 @@ impl Knocker {
                 .as_millis() as u64,
             nonce,
             flags,
-            app: app.to_owned(),
+            app: packet::AppName::new(app)
+                .map_err(packet::SealError::InvalidApp)
+                .with_context(|| format!("build the knock for app {app:?}"))?,
             claimed_addr: Some(self.claimed),
             posture_digest: [0; 32],
         };

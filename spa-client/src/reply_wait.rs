@@ -80,7 +80,7 @@ mod tests {
             timestamp_ms: 1,
             nonce: [5u8; 16],
             flags: flags::KNOCK,
-            app: "ssh".into(),
+            app: postern_protocol::AppName::new("ssh").expect("valid app name"),
             claimed_addr: None,
             posture_digest: [0; 32],
         };

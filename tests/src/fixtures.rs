@@ -397,7 +397,7 @@ pub fn seal_knock_with_reply_key(
         timestamp_ms,
         nonce,
         flags: flags::KNOCK,
-        app: app.to_owned(),
+        app: postern_protocol::AppName::new(app).expect("a valid app name"),
         claimed_addr: Some(claimed),
         posture_digest: [0; 32],
     };

@@ -193,7 +193,7 @@ fn sealed(
         timestamp_ms: unix_ms(),
         nonce,
         flags: flag,
-        app: APP.to_owned(),
+        app: postern_protocol::AppName::new(APP).expect("valid app name"),
         claimed_addr: Some(claimed),
         posture_digest: [0; 32],
     };

@@ -10,12 +10,9 @@
 //! touch: the knock checks (pipeline.rs) or lifecycle records and events beyond
 //! retiring the sessions it closes (pipeline/lifecycle.rs).
 
-use std::net::IpAddr;
-
 use postern_firewall::SessionId;
-use postern_protocol::keys::DeviceId;
 
-use super::{close_reason, KnockPipeline, SessionTable};
+use super::{close_reason, KnockPipeline, SessionKey, SessionTable};
 use crate::registry::{Hold, Permit, RegistryView};
 
 /// What one live session was granted.
@@ -27,6 +24,11 @@ pub(super) struct SessionTerms {
     pub(super) cap_at_ms: u64,
     /// Re-evaluate the decision at this instant (`None`: only on a new view).
     pub(super) valid_until_ms: Option<u64>,
+    /// The latest decision for the session's device, app and source, and the view
+    /// ([`RegistryView::generation`]) it was made on: until `valid_until_ms`, the same view gives the same
+    /// decision (the policy engine's contract, see `Grant::valid_until`), so a renewal
+    /// re-knock reuses it instead of running the engine again.
+    pub(super) decided: (u64, Permit),
 }
 
 impl SessionTerms {
@@ -63,11 +65,7 @@ pub(super) fn session_ttl_ms(
 
 impl SessionTable {
     /// The session live for `key` at `now_ms`, with its terms.
-    fn live_terms(
-        &self,
-        key: &(DeviceId, String, IpAddr),
-        now_ms: u64,
-    ) -> Option<(SessionId, SessionTerms)> {
+    fn live_terms(&self, key: &SessionKey, now_ms: u64) -> Option<(SessionId, SessionTerms)> {
         let (id, expires) = self.by_key.get(key)?;
         if now_ms >= *expires {
             return None;
@@ -81,7 +79,7 @@ impl SessionTable {
     /// flows have stopped already) and the knock opens a new one.
     pub(super) fn opening(
         &mut self,
-        key: &(DeviceId, String, IpAddr),
+        key: &SessionKey,
         now_ms: u64,
         max_session_ms: u64,
     ) -> (u64, u64) {
@@ -98,22 +96,37 @@ impl SessionTable {
 
     /// Records the terms of a session just opened or renewed.
     pub(super) fn set_terms(&mut self, session: SessionId, terms: SessionTerms) {
+        let due = (terms.due_ms(), session.0);
         if let Some(old) = self.terms.insert(session.0, terms) {
+            if old.due_ms() == due.0 && self.due.contains(&due) {
+                // A renewal that moves nothing: leave the index alone (re-inserting can
+                // split a B-tree node: an allocation per renewal).
+                return;
+            }
             self.due.remove(&(old.due_ms(), session.0));
         }
-        self.due.insert((terms.due_ms(), session.0));
+        self.due.insert(due);
+    }
+
+    /// The decision a renewal of `key` at `now_ms` under the view `generation` would get,
+    /// when the session's latest one still holds: same view, before its `valid_until`.
+    pub(super) fn decided(&self, key: &SessionKey, generation: u64, now_ms: u64) -> Option<Permit> {
+        let (_, terms) = self.live_terms(key, now_ms)?;
+        let (at_generation, permit) = terms.decided;
+        let holds = at_generation == generation
+            && now_ms < terms.cap_at_ms
+            && terms.valid_until_ms.is_none_or(|until| now_ms < until);
+        holds.then_some(permit)
     }
 
     /// After a re-evaluation passed: the decision now holds until `valid_until_ms`.
-    fn revalidate(&mut self, id: u32, valid_until_ms: Option<u64>) {
+    fn revalidate(&mut self, id: u32, permit: Permit, revision: u64) {
         if let Some(terms) = self.terms.get(&id).copied() {
-            if terms.valid_until_ms == valid_until_ms {
-                return;
-            }
             self.set_terms(
                 SessionId(id),
                 SessionTerms {
-                    valid_until_ms,
+                    valid_until_ms: permit.valid_until_ms,
+                    decided: (revision, permit),
                     ..terms
                 },
             );
@@ -134,11 +147,7 @@ impl SessionTable {
 
     /// Whether `view` still permits the session (device, app, source) at `now_ms`, and
     /// until when.
-    pub(super) fn evaluate(
-        view: &RegistryView,
-        key: &(DeviceId, String, IpAddr),
-        now_ms: u64,
-    ) -> Option<Permit> {
+    pub(super) fn evaluate(view: &RegistryView, key: &SessionKey, now_ms: u64) -> Option<Permit> {
         let (device, app, source) = key;
         let d = view.device(device).filter(|d| !d.revoked)?;
         view.app(app)?;
@@ -155,15 +164,15 @@ impl SessionTable {
         let mut holding = Vec::new();
         for (key, (id, _)) in &self.by_key {
             match Self::evaluate(view, key, now_ms) {
-                Some(permit) => holding.push((id.0, permit.valid_until_ms)),
+                Some(permit) => holding.push((id.0, permit)),
                 None => closed.push(*id),
             }
         }
         for id in &closed {
             self.forget(id.0);
         }
-        for (id, valid_until_ms) in holding {
-            self.revalidate(id, valid_until_ms);
+        for (id, permit) in holding {
+            self.revalidate(id, permit, view.generation());
         }
         closed
     }
@@ -196,7 +205,7 @@ impl SessionTable {
             let reason = if now_ms >= terms.cap_at_ms {
                 close_reason::MAX_SESSION_LENGTH
             } else if let Some(permit) = Self::evaluate(view, &key, now_ms) {
-                self.revalidate(id, permit.valid_until_ms);
+                self.revalidate(id, permit, view.generation());
                 continue;
             } else {
                 close_reason::ACCESS_EXPIRED
@@ -376,7 +385,7 @@ session_mode = "verdict"
                 timestamp_ms: now,
                 nonce: [self.nonce; 16],
                 flags: flags::KNOCK,
-                app: app.into(),
+                app: postern_protocol::AppName::new(app).expect("valid app name"),
                 claimed_addr: Some(src.parse().expect("literal")),
                 posture_digest: [0; 32],
             };
@@ -509,6 +518,28 @@ session_mode = "verdict"
         // Outside the window a knock is refused.
         let d = lab.knock(&v, "web", LAB, window_end + 1000);
         assert_eq!(d.reason(), "policy_denied");
+    }
+
+    #[test]
+    fn a_renewal_reuses_a_decision_only_while_it_holds_on_the_same_view() {
+        let v = view(0, true);
+        let mut lab = Lab::new(12 * HOUR);
+        let (web, _) = lab.allowed(&v, "web", NOW + HOUR / 2);
+        // Inside the window the renewal is the same session (decision reused).
+        let (again, _) = lab.allowed(&v, "web", NOW + HOUR / 2 + 1000);
+        assert_eq!(again, web);
+        // At the window's end, even before any sweep ran, the engine decides again.
+        let d = lab.knock(&v, "web", LAB, NOW + HOUR);
+        assert_eq!(d.reason(), "policy_denied", "{d:?}");
+        // A new view with the same contents and revision is still a new view: a risk
+        // raised past ssh's max_risk (40) is seen by the very next renewal.
+        let later = NOW + HOUR + 1000;
+        let (ssh, _) = lab.allowed(&v, "ssh", later);
+        let (kept, _) = lab.allowed(&v, "ssh", later + 1000);
+        assert_eq!(kept, ssh);
+        let risky = view(90, true);
+        let d = lab.knock(&risky, "ssh", LAB, later + 2000);
+        assert_eq!(d.reason(), "policy_denied", "{d:?}");
     }
 
     #[test]

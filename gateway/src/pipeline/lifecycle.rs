@@ -92,6 +92,12 @@ pub fn global_session_id(gateway: &str, session: SessionId) -> String {
 }
 
 impl SessionTable {
+    /// Who holds the session `key` names (live or not yet swept).
+    pub(super) fn who_of(&self, key: &super::SessionKey) -> Option<&Who> {
+        let (id, _) = self.by_key.get(key)?;
+        self.records.get(&id.0).map(|r| &r.who)
+    }
+
     /// The expiry the table holds for `id` (None: not in the id map any more).
     fn expiry_of(&self, id: u32) -> Option<u64> {
         let key = self.by_id.get(&id)?;
@@ -236,6 +242,12 @@ impl KnockPipeline {
     /// The lifecycle events since the last call (oldest first).
     pub fn take_session_events(&mut self) -> Vec<SessionEvent> {
         std::mem::take(&mut self.sessions.events)
+    }
+
+    /// Moves the lifecycle events since the last call to the end of `into` (oldest
+    /// first); both vectors keep their capacity (no allocation per knock).
+    pub fn move_session_events_into(&mut self, into: &mut Vec<SessionEvent>) {
+        into.append(&mut self.sessions.events);
     }
 
     /// Like [`KnockPipeline::sessions_revoked_by`], and records each closed session as

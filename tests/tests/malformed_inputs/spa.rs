@@ -42,7 +42,7 @@ fn knock() -> Knock {
         timestamp_ms: NOW_MS,
         nonce: [0x33; 16],
         flags: flags::KNOCK,
-        app: "ssh".into(),
+        app: postern_protocol::AppName::new("ssh").expect("valid app name"),
         claimed_addr: Some(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 5))),
         posture_digest: [0; 32],
     }

@@ -877,6 +877,29 @@ fn main() {
             m.pinholes,
             m.pinholes_sampled
         ));
+        let closed = Samples {
+            ms: m.revoke_closed.clone(),
+            failed: m.revoke_failed,
+        };
+        let synced = Samples {
+            ms: m.revoke_synced.clone(),
+            failed: 0,
+        };
+        let command = Samples {
+            ms: m.revoke_command.clone(),
+            failed: 0,
+        };
+        rows.push(format!(
+            "| revoke → session closed, {} devices, {} live sessions | Postern sniff | {:.1} ms | {:.1} ms (max of {}) | {} failed; gateway `sync` line p50 {:.1} ms; `device revoke` exits p50 {:.1} ms (audit clock, ms resolution) |",
+            m.devices,
+            m.sessions,
+            closed.pct(50.0),
+            closed.pct(99.0),
+            closed.ms.len(),
+            closed.failed,
+            synced.pct(50.0),
+            command.pct(50.0),
+        ));
         eprintln!("{}", rows.last().map(String::as_str).unwrap_or_default());
     }
     if run("cut") {

@@ -44,7 +44,21 @@ pub struct MemoryResult {
     pub pinholes: usize,
     pub pinholes_sampled: usize,
     pub loaded_kb: (u64, u64),
+    /// Revocations with the registry and sessions above in place, each in ms from the start
+    /// of `device revoke`: to the command's exit, to the gateway's `sync` line of the new
+    /// revision (written once the new view is in force and saved), to its `session_closed`
+    /// line for the device's session.
+    pub revoke_command: Vec<f64>,
+    pub revoke_synced: Vec<f64>,
+    pub revoke_closed: Vec<f64>,
+    /// Revocations whose session did not close within [`REVOKE_WAIT`].
+    pub revoke_failed: usize,
 }
+
+/// Revocations measured at the end of the memory phase (one device each, spread over the
+/// registry), and how long each may take to close its session.
+const REVOKES: usize = 10;
+const REVOKE_WAIT: Duration = Duration::from_secs(20);
 
 /// `VmRSS` and `VmHWM` of `pid` in kB.
 pub fn rss_kb(pid: u32) -> (u64, u64) {
@@ -253,10 +267,93 @@ pub fn gateway_memory(lab: &Lab, devices: usize, rate: usize) -> MemoryResult {
         "(6) {} knocks sent, {} allowed, {} pinholes: VmRSS {} kB, VmHWM {} kB",
         r.knocks_sent, r.sessions, r.pinholes, r.loaded_kb.0, r.loaded_kb.1
     );
+    revoke_at_scale(&ctl, &gw, &devs, &open, &mut r);
     gw.check_alive();
     gw.stop(Duration::from_secs(10));
     crate::drop_postern_table(lab);
     r
+}
+
+/// Revokes [`REVOKES`] devices that hold a live session, one at a time, with the whole
+/// registry and session table in place: what a revocation costs at this scale (the
+/// controller's new revision and delta, the gateway's new view, the re-evaluation of every
+/// live session). Times come from the gateway's audit clock (ms resolution).
+fn revoke_at_scale(
+    ctl: &Controller,
+    gw: &Gateway,
+    devs: &[InProcessDevice],
+    open: &HashSet<Ipv4Addr>,
+    r: &mut MemoryResult,
+) {
+    let candidates: Vec<usize> = (0..devs.len())
+        .filter(|&i| open.contains(&source(i)))
+        .collect();
+    let step = (candidates.len() / REVOKES).max(1);
+    // The view is in force before its `sync` line is written (after the file is saved),
+    // so a session can close before the line: a trial's line is the first with a revision
+    // above every revision seen before it.
+    let mut seen_revision = gw.synced_revision().unwrap_or(0);
+    for &i in candidates.iter().step_by(step).take(REVOKES) {
+        let offset = std::fs::metadata(&gw.audit_log)
+            .map(|m| m.len())
+            .unwrap_or(0);
+        let src = source(i).to_string();
+        let t0 = Instant::now();
+        let t0_unix_ms = postern_e2e::unix_ms();
+        ctl.revoke(&devs[i].name);
+        r.revoke_command.push(t0.elapsed().as_secs_f64() * 1e3);
+        let seen = postern_e2e::poll(REVOKE_WAIT, Duration::from_millis(20), || {
+            let events = events_after(&gw.audit_log, offset);
+            let at = |want: &dyn Fn(&serde_json::Value) -> bool| {
+                events
+                    .iter()
+                    .find(|v| want(v))
+                    .and_then(|v| v["ts_ms"].as_u64())
+                    .map(|ts| ts.saturating_sub(t0_unix_ms) as f64)
+            };
+            let closed = at(&|v| v["event"] == "session_closed" && v["source"] == src.as_str())?;
+            let synced = at(&|v| {
+                v["event"] == "sync" && v["revision"].as_u64().is_some_and(|r| r > seen_revision)
+            })?;
+            Some((synced, closed))
+        });
+        match seen {
+            Some((synced, closed)) => {
+                r.revoke_synced.push(synced);
+                r.revoke_closed.push(closed);
+                seen_revision = events_after(&gw.audit_log, offset)
+                    .iter()
+                    .filter(|v| v["event"] == "sync")
+                    .filter_map(|v| v["revision"].as_u64())
+                    .fold(seen_revision, u64::max);
+            }
+            None => {
+                eprintln!(
+                    "(6) revoke of {} closed no session within {REVOKE_WAIT:?}",
+                    devs[i].name
+                );
+                r.revoke_failed += 1;
+            }
+        }
+    }
+    eprintln!(
+        "(6) revoke at scale: session closed after {:?} ms",
+        r.revoke_closed
+    );
+}
+
+/// Audit lines written after byte `offset` of `audit`, parsed.
+fn events_after(audit: &Path, offset: u64) -> Vec<serde_json::Value> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut tail = String::new();
+    if let Ok(mut f) = std::fs::File::open(audit) {
+        if f.seek(SeekFrom::Start(offset)).is_ok() {
+            let _ = f.read_to_string(&mut tail);
+        }
+    }
+    tail.lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }
 
 /// Distinct sources of allowed knocks in the gateway's audit log.
