@@ -262,6 +262,10 @@ pub fn follow(
             continue;
         };
         last_line = Instant::now();
+        let arrival = Arrival {
+            at_ms: unix_ms(),
+            at: last_line,
+        };
         // Parsed in a scratch arena (heap.rs): the records of a full snapshot are garbage
         // once the view is built from them.
         let parsed = crate::heap::in_scratch_arena(|| serde_json::from_slice(&line));
@@ -273,7 +277,7 @@ pub fn follow(
         match message {
             ControllerMessage::Snapshot(snapshot) => {
                 held.force_full = false;
-                publish(ctx, held, snapshot, false, bytes);
+                publish(ctx, held, snapshot, false, bytes, arrival);
                 *delivered = true;
             }
             ControllerMessage::Delta(d) => {
@@ -290,7 +294,7 @@ pub fn follow(
                     held.force_full = true;
                     StreamError::Resync(e)
                 })?;
-                publish(ctx, held, next, true, bytes);
+                publish(ctx, held, next, true, bytes, arrival);
                 *delivered = true;
             }
             ControllerMessage::Heartbeat(hb) => {
@@ -338,18 +342,31 @@ fn confirm(ctx: &StreamContext<'_>, held: &mut Held, revision: u64) {
 
 /// Makes `snapshot` the one in force: view first (the knock path sees it at once), then
 /// the sync state, the file, the audit line.
+/// When a controller line arrived, for the stage times of the `sync` audit line.
+#[derive(Debug, Clone, Copy)]
+struct Arrival {
+    /// Unix ms (comparable with the controller's and an admin's clock on one host).
+    at_ms: u64,
+    at: Instant,
+}
+
 fn publish(
     ctx: &StreamContext<'_>,
     held: &mut Held,
     snapshot: Snapshot,
     delta: bool,
     bytes: usize,
+    arrival: Arrival,
 ) {
     let from = held.revision;
+    // Parsing the line (and reading the base and applying a delta) took this long.
+    let parse_ms = arrival.at.elapsed().as_millis() as u64;
+    let view_started = Instant::now();
     let (next, warnings) = {
         let previous = ctx.view.load();
         RegistryView::from_snapshot_after(&snapshot, previous.as_deref())
     };
+    let view_ms = view_started.elapsed().as_millis() as u64;
     for w in &warnings {
         tracing::warn!(revision = snapshot.revision, "{w}");
     }
@@ -362,44 +379,25 @@ fn publish(
         "registry revision applied"
     );
     let revision = next.revision;
-    let mut record = json!({ "revision": revision, "devices": next.device_count(), "policy_mode": next.policy_mode(), "access_records": next.access_count(), "warnings": warnings.len(), "connected": true, "since_contact_secs": 0, "delta": delta, "from": from, "to": revision, "bytes": bytes });
+    let mut record = json!({ "revision": revision, "devices": next.device_count(), "policy_mode": next.policy_mode(), "access_records": next.access_count(), "warnings": warnings.len(), "connected": true, "since_contact_secs": 0, "delta": delta, "from": from, "to": revision, "bytes": bytes, "received_at_ms": arrival.at_ms, "parse_ms": parse_ms, "view_ms": view_ms });
     let replaced = ctx.view.swap(Some(Arc::new(next)));
+    record["in_force_at_ms"] = json!(unix_ms());
     ctx.state.contact(revision, unix_ms());
     let first_answer = !held.answered;
     held.answered = true;
+    let persist_started = Instant::now();
     let persisted = persist(ctx.state_dir, &snapshot, held, first_answer);
     record["persisted"] = json!(persisted);
+    record["persist_ms"] = json!(persist_started.elapsed().as_millis() as u64);
     held.revision = Some(revision);
-    drop(snapshot);
-    drop_when_unshared(replaced);
+    // Its records were allocated in the scratch arena: freed there, that arena shrinks.
+    crate::heap::drop_in_scratch_arena(snapshot);
+    // The knock path may still hold the replaced view for a moment; its big tables are
+    // mapped blocks of their own, unmapped whenever the last holder lets go.
+    drop(replaced);
     crate::heap::release_free_memory();
     ctx.audit.event(unix_ms(), "sync", record);
 }
-
-/// Drops the replaced view here, once the knock path's readers (a crypto worker or the
-/// decision thread holds a view for one knock) have let go, so that the trim that follows
-/// returns its memory. Measured: freed after the trim by a reader, a 100,000-device view
-/// stayed resident until the next revision (VmRSS 87 MB instead of 38 MB at rest). Waits at
-/// most [`UNSHARE_WAIT`]; a reader holding on longer frees it itself.
-fn drop_when_unshared(view: Option<Arc<RegistryView>>) {
-    let Some(mut view) = view else {
-        return;
-    };
-    let deadline = Instant::now() + UNSHARE_WAIT;
-    loop {
-        match Arc::try_unwrap(view) {
-            Ok(owned) => return drop(owned),
-            Err(shared) if Instant::now() < deadline => {
-                view = shared;
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Err(_) => return,
-        }
-    }
-}
-
-/// How long [`drop_when_unshared`] waits for the knock path to release a replaced view.
-const UNSHARE_WAIT: Duration = Duration::from_millis(200);
 
 /// Writes `snapshot` to `state_dir/snapshot.json` unless this revision is already there
 /// (`force`: the first answer since start, whose content may differ from a persisted file

@@ -214,7 +214,7 @@ fn load_persisted_snapshot(
             state.set_view(registry.revision, SnapshotSource::Persisted);
             let revision = registry.revision;
             view.store(Some(Arc::new(registry)));
-            drop(p);
+            crate::heap::drop_in_scratch_arena(p);
             crate::heap::release_free_memory();
             PersistedAtStart {
                 source: SnapshotSource::Persisted.as_str(),

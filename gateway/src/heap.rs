@@ -38,6 +38,28 @@ pub fn release_free_memory() {
     }
 }
 
+/// Drops `garbage` (e.g. a loaded snapshot's records, allocated by [`in_scratch_arena`])
+/// on a short-lived helper thread, which most likely gets the scratch arena back (glibc
+/// hands a new thread the arena a thread released last), and shrinks that arena after.
+pub fn drop_in_scratch_arena<T: Send>(garbage: T) {
+    in_scratch_arena(move || drop(garbage));
+}
+
+/// Makes glibc shrink the calling thread's arena (a non-main arena's free top is not
+/// returned by `malloc_trim`: only a free of a block of at least 64 KiB shrinks it, and a
+/// load's last frees may all be small). Measured at 100,000 devices with both vCPUs kept
+/// busy by other processes (`POSTERN_BENCH_LOAD_ONLY=1 scripts/bench --only memory`):
+/// without it 4 loads of 10 left a 48-50 MB arena heap resident, whose contents were stale
+/// snapshot records and malloc_trim did not release (VmRSS 84-88 MB instead of 38 MB);
+/// with it 0 of 13.
+fn trim_this_threads_arena() {
+    // Above the consolidation threshold (64 KiB), below the mmap threshold: carved from
+    // the arena, and its free runs the arena's trim.
+    let block = vec![1u8; 96 * 1024];
+    std::hint::black_box(&block);
+    drop(block);
+}
+
 /// Runs `work` on a short-lived helper thread and returns its result. glibc gives each
 /// thread its own arena, so the transient garbage of a registry load (hundreds of
 /// thousands of small strings and JSON nodes) lands in an arena that holds nothing
@@ -53,7 +75,9 @@ pub fn in_scratch_arena<T: Send>(work: impl FnOnce() -> T + Send) -> T {
             .name("registry-load".into())
             .spawn_scoped(scope, || {
                 let w = work.lock().ok().and_then(|mut w| w.take());
-                w.map(|w| w())
+                let out = w.map(|w| w());
+                trim_this_threads_arena();
+                out
             });
         match spawned.map(|h| h.join()) {
             Ok(Ok(out)) => out,

@@ -62,6 +62,16 @@ pub enum DeltaError {
 pub fn diff(old: &Snapshot, new: &Snapshot) -> SnapshotDelta {
     let old_map = fields(old);
     let new_map = fields(new);
+    let mut scratch = Vec::new();
+    // Each array's element digests, computed once: the elements' change and the new
+    // snapshot's digest both need them.
+    let new_digests: HashMap<&str, Vec<ElementDigest>> = new_map
+        .iter()
+        .filter_map(|(key, value)| match value {
+            Value::Array(items) => Some((key.as_str(), digests_of(items, &mut scratch))),
+            _ => None,
+        })
+        .collect();
     let mut changes = BTreeMap::new();
     let keys: BTreeSet<&String> = old_map.keys().chain(new_map.keys()).collect();
     for key in keys {
@@ -71,7 +81,11 @@ pub fn diff(old: &Snapshot, new: &Snapshot) -> SnapshotDelta {
         let change = match (old_map.get(key), new_map.get(key)) {
             (Some(a), Some(b)) if a == b => continue,
             (_, None) => FieldChange::Unset,
-            (Some(Value::Array(a)), Some(Value::Array(b))) => elements_change(a, b),
+            (Some(Value::Array(a)), Some(Value::Array(b))) => {
+                let old_digests = digests_of(a, &mut scratch);
+                let new_digests = new_digests.get(key.as_str()).map_or(&[][..], Vec::as_slice);
+                elements_change(&old_digests, b, new_digests)
+            }
             (_, Some(b)) => FieldChange::Set(b.clone()),
         };
         changes.insert(key.clone(), change);
@@ -80,7 +94,7 @@ pub fn diff(old: &Snapshot, new: &Snapshot) -> SnapshotDelta {
         from: old.revision,
         to: new.revision,
         changes,
-        digest: digest_fields(&new_map),
+        digest: digest_fields(&new_map, &new_digests),
     }
 }
 
@@ -128,7 +142,7 @@ pub fn apply(base: &Snapshot, delta: &SnapshotDelta) -> Result<Snapshot, DeltaEr
         }
     }
     map.insert(REVISION.to_owned(), Value::from(delta.to));
-    let got = digest_fields(&map);
+    let got = digest_fields(&map, &HashMap::new());
     let snapshot: Snapshot = serde_json::from_value(Value::Object(map.into_iter().collect()))
         .map_err(|e| DeltaError::Invalid(e.to_string()))?;
     if got != delta.digest {
@@ -144,7 +158,7 @@ pub fn apply(base: &Snapshot, delta: &SnapshotDelta) -> Result<Snapshot, DeltaEr
 /// objects by key, so two snapshots that index to the same registry view have the same
 /// digest whatever order the controller listed their records in.
 pub fn digest(snapshot: &Snapshot) -> String {
-    digest_fields(&fields(snapshot))
+    digest_fields(&fields(snapshot), &HashMap::new())
 }
 
 const REVISION: &str = "revision";
@@ -158,24 +172,41 @@ fn fields(snapshot: &Snapshot) -> BTreeMap<String, Value> {
     }
 }
 
-fn elements_change(old: &[Value], new: &[Value]) -> FieldChange {
-    let mut old_counts: HashMap<String, usize> = HashMap::new();
-    for item in old {
-        *old_counts.entry(element_digest(item)).or_default() += 1;
+/// An element's digest: the first 128 bits of the SHA-256 of its canonical JSON. On the
+/// wire as 32 lowercase hex digits (sorting the bytes sorts the hex the same way).
+type ElementDigest = [u8; 16];
+
+fn digests_of(items: &[Value], scratch: &mut Vec<u8>) -> Vec<ElementDigest> {
+    items.iter().map(|i| element_digest(i, scratch)).collect()
+}
+
+/// `new`'s elements that `old_digests` does not account for (as a multiset) are added;
+/// the digests of `old`'s elements that `new_digests` does not account for are removed.
+fn elements_change(
+    old_digests: &[ElementDigest],
+    new: &[Value],
+    new_digests: &[ElementDigest],
+) -> FieldChange {
+    let mut old_counts: HashMap<ElementDigest, usize> = HashMap::new();
+    for d in old_digests {
+        *old_counts.entry(*d).or_default() += 1;
     }
     let mut add = Vec::new();
-    for item in new {
-        match old_counts.get_mut(&element_digest(item)) {
+    for (item, d) in new.iter().zip(new_digests) {
+        match old_counts.get_mut(d) {
             Some(n) if *n > 0 => *n -= 1,
             _ => add.push(item.clone()),
         }
     }
-    let mut remove: Vec<String> = old_counts
+    let mut remove: Vec<ElementDigest> = old_counts
         .into_iter()
-        .flat_map(|(hash, n)| std::iter::repeat_n(hash, n))
+        .flat_map(|(d, n)| std::iter::repeat_n(d, n))
         .collect();
-    remove.sort();
-    FieldChange::Elements { remove, add }
+    remove.sort_unstable();
+    FieldChange::Elements {
+        remove: remove.iter().map(hex::encode).collect(),
+        add,
+    }
 }
 
 /// Removes one element per listed digest; `Err` if one is not there.
@@ -183,16 +214,20 @@ fn remove_elements(items: &mut Vec<Value>, remove: &[String]) -> Result<(), ()> 
     if remove.is_empty() {
         return Ok(());
     }
-    let mut wanted: HashMap<&str, usize> = HashMap::new();
-    for hash in remove {
-        *wanted.entry(hash.as_str()).or_default() += 1;
+    let mut wanted: HashMap<ElementDigest, usize> = HashMap::new();
+    for hex_digest in remove {
+        let mut d = [0u8; 16];
+        // A digest that is not 32 hex digits names no element.
+        hex::decode_to_slice(hex_digest, &mut d).map_err(|_| ())?;
+        *wanted.entry(d).or_default() += 1;
     }
     let mut left = remove.len();
+    let mut scratch = Vec::new();
     items.retain(|item| {
         if left == 0 {
             return true;
         }
-        match wanted.get_mut(element_digest(item).as_str()) {
+        match wanted.get_mut(&element_digest(item, &mut scratch)) {
             Some(n) if *n > 0 => {
                 *n -= 1;
                 left -= 1;
@@ -208,63 +243,104 @@ fn remove_elements(items: &mut Vec<Value>, remove: &[String]) -> Result<(), ()> 
     }
 }
 
-/// 128-bit SHA-256 prefix (hex) of an element's canonical JSON.
-fn element_digest(item: &Value) -> String {
-    let mut text = String::new();
-    canonical(item, &mut text);
-    hex::encode(&sha256(text.as_bytes())[..16])
+/// `item`'s [`ElementDigest`] (`scratch` holds its canonical text meanwhile).
+fn element_digest(item: &Value, scratch: &mut Vec<u8>) -> ElementDigest {
+    scratch.clear();
+    canonical(item, scratch);
+    let mut d = [0u8; 16];
+    d.copy_from_slice(&sha256(scratch)[..16]);
+    d
 }
 
-fn digest_fields(map: &BTreeMap<String, Value>) -> String {
-    let mut text = String::new();
+/// The digest of a snapshot's fields; `known` may hold array fields' element digests
+/// already computed.
+fn digest_fields(
+    map: &BTreeMap<String, Value>,
+    known: &HashMap<&str, Vec<ElementDigest>>,
+) -> String {
+    let mut text = Vec::new();
+    let mut scratch = Vec::new();
+    let mut hashes: Vec<ElementDigest> = Vec::new();
     for (key, value) in map {
-        canonical(&Value::String(key.clone()), &mut text);
+        json_string(key, &mut text);
         match value {
             Value::Array(items) => {
-                let mut hashes: Vec<String> = items.iter().map(element_digest).collect();
-                hashes.sort();
-                text.push_str(":A[");
-                text.push_str(&hashes.join(","));
-                text.push(']');
+                hashes.clear();
+                match known.get(key.as_str()) {
+                    Some(digests) => hashes.extend_from_slice(digests),
+                    None => hashes.extend(items.iter().map(|i| element_digest(i, &mut scratch))),
+                }
+                hashes.sort_unstable();
+                text.extend_from_slice(b":A[");
+                for (i, h) in hashes.iter().enumerate() {
+                    if i > 0 {
+                        text.push(b',');
+                    }
+                    let mut hex_text = [0u8; 32];
+                    // 16 bytes always fit 32 hex digits.
+                    let _ = hex::encode_to_slice(h, &mut hex_text);
+                    text.extend_from_slice(&hex_text);
+                }
+                text.push(b']');
             }
             other => {
-                text.push_str(":V");
+                text.extend_from_slice(b":V");
                 canonical(other, &mut text);
             }
         }
-        text.push(';');
+        text.push(b';');
     }
-    hex::encode(sha256(text.as_bytes()))
+    hex::encode(sha256(&text))
+}
+
+/// `s` as a JSON string (serde_json's escaping).
+fn json_string(s: &str, out: &mut Vec<u8>) {
+    // Writing to a Vec cannot fail, nor can serializing a str.
+    let _ = serde_json::to_writer(&mut *out, s);
 }
 
 /// JSON with object keys sorted, no whitespace.
-fn canonical(value: &Value, out: &mut String) {
+fn canonical(value: &Value, out: &mut Vec<u8>) {
     match value {
         Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort();
-            out.push('{');
-            for (i, key) in keys.into_iter().enumerate() {
+            out.push(b'{');
+            let put = |i: usize, key: &String, out: &mut Vec<u8>| {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
-                canonical(&Value::String(key.clone()), out);
-                out.push(':');
+                json_string(key, out);
+                out.push(b':');
                 canonical(&map[key], out);
+            };
+            // serde_json's map iterates in key order unless its `preserve_order` feature
+            // is on somewhere in the build: sort only then.
+            if map.keys().is_sorted() {
+                for (i, key) in map.keys().enumerate() {
+                    put(i, key, out);
+                }
+            } else {
+                let mut keys: Vec<&String> = map.keys().collect();
+                keys.sort();
+                for (i, key) in keys.into_iter().enumerate() {
+                    put(i, key, out);
+                }
             }
-            out.push('}');
+            out.push(b'}');
         }
         Value::Array(items) => {
-            out.push('[');
+            out.push(b'[');
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
                 canonical(item, out);
             }
-            out.push(']');
+            out.push(b']');
         }
-        scalar => out.push_str(&scalar.to_string()),
+        // Writing to a Vec cannot fail, nor can serializing a scalar.
+        scalar => {
+            let _ = serde_json::to_writer(&mut *out, scalar);
+        }
     }
 }
 
@@ -328,7 +404,8 @@ mod tests {
         let mut map = fields(s);
         for value in map.values_mut() {
             if let Value::Array(items) = value {
-                items.sort_by_key(element_digest);
+                let mut scratch = Vec::new();
+                items.sort_by_key(|i| element_digest(i, &mut scratch));
             }
         }
         map
@@ -462,6 +539,67 @@ mod tests {
         let mut c = a.clone();
         c.revision += 1;
         assert_ne!(digest(&a), digest(&c));
+    }
+
+    /// A snapshot with every kind of field: strings needing escapes, numbers, booleans,
+    /// nulls, nested objects, optional fields present.
+    fn rich() -> Snapshot {
+        let mut s = base();
+        s.devices[1].name = "quote \" back\\slash \u{1} é ✓".into();
+        s.apps[1].forward = Some("10.9.0.5:8443".parse().expect("literal"));
+        s.access = Some(vec![AccessRecord {
+            device: format!("{:032x}", 1),
+            app: "app-1".into(),
+            until: Some(1_800_000_000),
+        }]);
+        s.kills = Some(vec![SessionKill {
+            gateway: "edge-1".into(),
+            session: 7,
+            at: 100,
+            opened_at_ms: Some(99_000),
+        }]);
+        s.policy = Some(crate::snapshot::PolicyText {
+            text: "[[rule]]\nname = \"x\"\n".into(),
+            sha256: "ab".repeat(32),
+        });
+        s.subjects = Some(vec![crate::snapshot::PolicySubject {
+            device: format!("{:032x}", 1),
+            user: "user-1".into(),
+            groups: vec!["ops".into(), "dev".into()],
+            disabled: false,
+            risk: 30,
+            last_mfa: Some(1_799_999_000),
+            posture: Some(BTreeMap::from([(
+                "disk".to_owned(),
+                crate::snapshot::PostureVerdict {
+                    passed: true,
+                    expires: 1_800_003_600,
+                },
+            )])),
+        }]);
+        s
+    }
+
+    /// The digest and element digests are a wire contract between controller and gateway
+    /// versions: these values were computed by the first implementation and must never
+    /// change.
+    #[test]
+    fn digests_are_stable_across_versions() {
+        const GOLDEN_BASE: &str =
+            "77a8cd11728543c994c95bbdb599a2e8299c4edd3f58722f18a50ced0986aa66";
+        const GOLDEN_RICH: &str =
+            "533678a64710fa6ed03a54cf1bca182f69541ca37ca2873e83d2f9e2650aaf64";
+        const GOLDEN_DELTA: &str = r#"{"from":10,"to":11,"changes":{"devices":{"elements":{"remove":["efef1e57de7918f4baabac1e4b044bf1"],"add":[{"id":"00000000000000000000000000000002","name":"dev-2","public_key":"ed25519:key2","revoked":true,"user":"user-2"}]}}},"digest":"8e6bc00b0409628d64763423cb1d47964a4eaa908e7160571d26231dc6602505"}"#;
+        assert_eq!(digest(&base()), GOLDEN_BASE);
+        assert_eq!(digest(&rich()), GOLDEN_RICH);
+        let mut new = rich();
+        new.revision = 11;
+        new.devices[2].revoked = true;
+        let d = diff(&rich(), &new);
+        assert_eq!(
+            serde_json::to_string(&d).expect("serializable"),
+            GOLDEN_DELTA
+        );
     }
 
     fn arb_snapshot() -> impl Strategy<Value = Snapshot> {

@@ -881,24 +881,31 @@ fn main() {
             ms: m.revoke_closed.clone(),
             failed: m.revoke_failed,
         };
-        let synced = Samples {
-            ms: m.revoke_synced.clone(),
-            failed: 0,
+        let stage = |f: fn(&memory::RevokeStages) -> f64| {
+            Samples {
+                ms: m.revoke_stages.iter().map(f).collect(),
+                failed: 0,
+            }
+            .pct(50.0)
         };
         let command = Samples {
             ms: m.revoke_command.clone(),
             failed: 0,
         };
         rows.push(format!(
-            "| revoke → session closed, {} devices, {} live sessions | Postern sniff | {:.1} ms | {:.1} ms (max of {}) | {} failed; gateway `sync` line p50 {:.1} ms; `device revoke` exits p50 {:.1} ms (audit clock, ms resolution) |",
+            "| revoke → session closed, {} devices, {} live sessions | Postern sniff | {:.1} ms | {:.1} ms (max of {}) | {} failed; p50 of the steps (gateway audit clock, ms): `device revoke` exits {:.1}, the delta line reaches the gateway {:.1}, parsed and applied to the base in {:.1}, view built in {:.1}, in force {:.1}; snapshot.json saved in {:.1} |",
             m.devices,
             m.sessions,
             closed.pct(50.0),
             closed.pct(99.0),
             closed.ms.len(),
             closed.failed,
-            synced.pct(50.0),
             command.pct(50.0),
+            stage(|s| s.received),
+            stage(|s| s.parse),
+            stage(|s| s.view),
+            stage(|s| s.in_force),
+            stage(|s| s.persist),
         ));
         eprintln!("{}", rows.last().map(String::as_str).unwrap_or_default());
     }

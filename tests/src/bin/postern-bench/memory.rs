@@ -49,10 +49,23 @@ pub struct MemoryResult {
     /// revision (written once the new view is in force and saved), to its `session_closed`
     /// line for the device's session.
     pub revoke_command: Vec<f64>,
-    pub revoke_synced: Vec<f64>,
+    /// Where each revocation's time went (the gateway's `sync` line).
+    pub revoke_stages: Vec<RevokeStages>,
     pub revoke_closed: Vec<f64>,
     /// Revocations whose session did not close within [`REVOKE_WAIT`].
     pub revoke_failed: usize,
+}
+
+/// One revocation at scale, in ms: `received` and `in_force` from the start of `device
+/// revoke` (the controller's work and the transport, then the gateway's), the others how
+/// long the gateway's step took.
+#[derive(Debug, Clone, Copy)]
+pub struct RevokeStages {
+    pub received: f64,
+    pub parse: f64,
+    pub view: f64,
+    pub in_force: f64,
+    pub persist: f64,
 }
 
 /// Revocations measured at the end of the memory phase (one device each, spread over the
@@ -173,6 +186,32 @@ pub fn gateway_memory(lab: &Lab, devices: usize, rate: usize) -> MemoryResult {
         "(6) gateway loaded {devices} devices in {:.1} s: VmRSS {} kB, VmHWM {} kB",
         r.sync_secs, r.idle_kb.0, r.idle_kb.1
     );
+    // How the registry arrived (one full snapshot, or deltas first): the resident size
+    // after a load has depended on it.
+    let loads: Vec<String> = gw
+        .audit_events("sync")
+        .iter()
+        .filter(|v| v["revision"].as_u64().is_some_and(|r| r > start_rev))
+        .map(|v| {
+            format!(
+                "{}{}",
+                v["revision"],
+                if v["delta"] == true { "Δ" } else { "" }
+            )
+        })
+        .collect();
+    eprintln!("(6) revisions applied during the load: {}", loads.join(" "));
+    eprintln!(
+        "(6) largest resident mappings: {}",
+        largest_mappings(gw.pid(), 6)
+    );
+    if std::env::var_os("POSTERN_BENCH_LOAD_ONLY").is_some() {
+        // POSTERN_BENCH_LOAD_ONLY=1: the load alone (no knocks, no revocations), to repeat
+        // it quickly when the resident size after a load is in question.
+        gw.stop(Duration::from_secs(10));
+        crate::drop_postern_table(lab);
+        return r;
+    }
 
     // Up to three passes: each seals a fresh knock for every device whose address has no
     // allowed knock yet (a pass at a rate above what the loaded machine serves drops some).
@@ -312,14 +351,26 @@ fn revoke_at_scale(
                     .map(|ts| ts.saturating_sub(t0_unix_ms) as f64)
             };
             let closed = at(&|v| v["event"] == "session_closed" && v["source"] == src.as_str())?;
-            let synced = at(&|v| {
+            let sync = events.iter().find(|v| {
                 v["event"] == "sync" && v["revision"].as_u64().is_some_and(|r| r > seen_revision)
             })?;
-            Some((synced, closed))
+            Some((sync.clone(), closed))
         });
         match seen {
-            Some((synced, closed)) => {
-                r.revoke_synced.push(synced);
+            Some((sync, closed)) => {
+                let since_t0 = |field: &str| {
+                    sync[field]
+                        .as_u64()
+                        .map_or(f64::NAN, |ms| ms.saturating_sub(t0_unix_ms) as f64)
+                };
+                let took = |field: &str| sync[field].as_u64().map_or(f64::NAN, |ms| ms as f64);
+                r.revoke_stages.push(RevokeStages {
+                    received: since_t0("received_at_ms"),
+                    parse: took("parse_ms"),
+                    view: took("view_ms"),
+                    in_force: since_t0("in_force_at_ms"),
+                    persist: took("persist_ms"),
+                });
                 r.revoke_closed.push(closed);
                 seen_revision = events_after(&gw.audit_log, offset)
                     .iter()
@@ -340,6 +391,38 @@ fn revoke_at_scale(
         "(6) revoke at scale: session closed after {:?} ms",
         r.revoke_closed
     );
+}
+
+/// The `n` mappings of `pid` holding the most resident memory (from /proc/PID/smaps):
+/// `start-end name: Rss kB of Size kB` (where a resident size that depends on the run sits:
+/// the main heap, an allocator arena, a big mmap'd block).
+fn largest_mappings(pid: u32, n: usize) -> String {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut maps: Vec<(u64, u64, String)> = Vec::new();
+    let mut current: Option<(String, u64)> = None;
+    for line in smaps.lines() {
+        let mut parts = line.split_whitespace();
+        let first = parts.next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            let name = parts.nth(4).unwrap_or("[anon]");
+            current = Some((format!("{first} {name}"), 0));
+        } else if first == "Size:" {
+            if let Some(c) = current.as_mut() {
+                c.1 = parts.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            }
+        } else if first == "Rss:" {
+            let rss: u64 = parts.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            if let Some((name, size)) = current.take() {
+                maps.push((rss, size, name));
+            }
+        }
+    }
+    maps.sort_by_key(|m| std::cmp::Reverse(m.0));
+    maps.iter()
+        .take(n)
+        .map(|(rss, size, name)| format!("{name}: Rss {rss} kB of {size} kB"))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Audit lines written after byte `offset` of `audit`, parsed.
