@@ -42,6 +42,10 @@ pub struct KnockExtra {
     /// How many drop lines the rate limit left out before this one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub suppressed: Option<u64>,
+    /// Microseconds from the capture thread receiving the datagram to the decision applied
+    /// (for an allow: the pinhole committed in the kernel), authenticated decisions only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_us: Option<u64>,
 }
 
 /// One `knock` line: borrowed from the decision, serialized without a JSON tree.

@@ -442,6 +442,9 @@ fn serve(
         );
         let extra = crate::audit::KnockExtra {
             reply: Some(replied),
+            latency_us: Some(
+                u64::try_from(outcome.received.elapsed().as_micros()).unwrap_or(u64::MAX),
+            ),
             ..Default::default()
         };
         intake.record_with(now, src, &decision, extra);

@@ -154,7 +154,14 @@ fn one_device_options(mode: Capture) -> GatewayOptions {
     options
 }
 
-fn postern_knock_latency(lab: &Lab, ctl: &Controller, mode: Capture, trials: usize) -> Samples {
+/// Knock → port usable over `trials` trials, and for the allowed knocks the gateway's own
+/// part of it (audit `latency_us`: capture → pinhole committed).
+fn postern_knock_latency(
+    lab: &Lab,
+    ctl: &Controller,
+    mode: Capture,
+    trials: usize,
+) -> (Samples, Samples) {
     let name = format!("lat-{}", mode.as_str());
     let dev = InProcessDevice::random(&name);
     ctl.add_device(&name, USER, &dev.public_text());
@@ -199,9 +206,19 @@ fn postern_knock_latency(lab: &Lab, ctl: &Controller, mode: Capture, trials: usi
         std::thread::sleep(Duration::from_millis(20));
     }
     gw.check_alive();
+    let inside = Samples {
+        ms: gw
+            .audit_events("knock")
+            .iter()
+            .filter(|v| v["decision"] == "allow")
+            .filter_map(|v| v["latency_us"].as_u64())
+            .map(|us| us as f64 / 1e3)
+            .collect(),
+        failed: 0,
+    };
     gw.stop(Duration::from_secs(5));
     drop_postern_table(lab);
-    s
+    (s, inside)
 }
 
 /// A stopped gateway leaves its dark table (fail closed); the next phase needs it gone.
@@ -677,16 +694,20 @@ fn main() {
     if run("latency") {
         eprintln!("(1) knock -> port usable, {trials} trials each");
         let what = "knock → port usable";
-        let ps = postern_knock_latency(&lab, &ctl, Capture::Sniff, trials);
+        let inside_what =
+            "… of which inside the gateway (capture → pinhole committed, audit `latency_us`)";
+        let (ps, ps_inside) = postern_knock_latency(&lab, &ctl, Capture::Sniff, trials);
         eprintln!("{}", lat(what, "Postern sniff", &ps));
-        let pu = postern_knock_latency(&lab, &ctl, Capture::Udp, trials);
+        let (pu, pu_inside) = postern_knock_latency(&lab, &ctl, Capture::Udp, trials);
         eprintln!("{}", lat(what, "Postern udp", &pu));
         let fu = fwknop_knock_latency(&lab, true, trials);
         eprintln!("{}", lat(what, "fwknop UDP server", &fu));
         let fp = fwknop_knock_latency(&lab, false, trials);
         eprintln!("{}", lat(what, "fwknop pcap", &fp));
         rows.push(lat(what, "Postern sniff", &ps));
+        rows.push(lat(inside_what, "Postern sniff", &ps_inside));
         rows.push(lat(what, "Postern udp", &pu));
+        rows.push(lat(inside_what, "Postern udp", &pu_inside));
         rows.push(lat(what, "fwknop UDP server", &fu));
         rows.push(lat(what, "fwknop pcap", &fp));
         rows.push(format!(
