@@ -340,8 +340,6 @@ fn confirm(ctx: &StreamContext<'_>, held: &mut Held, revision: u64) {
     }
 }
 
-/// Makes `snapshot` the one in force: view first (the knock path sees it at once), then
-/// the sync state, the file, the audit line.
 /// When a controller line arrived, for the stage times of the `sync` audit line.
 #[derive(Debug, Clone, Copy)]
 struct Arrival {
@@ -350,6 +348,8 @@ struct Arrival {
     at: Instant,
 }
 
+/// Makes `snapshot` the one in force: view first (the knock path sees it at once), then
+/// the sync state, the file, the audit line.
 fn publish(
     ctx: &StreamContext<'_>,
     held: &mut Held,

@@ -13,7 +13,7 @@ use std::io;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -21,7 +21,8 @@ use postern_protocol::packet;
 use serde_json::{json, Value};
 
 use crate::admission::{
-    Counters, DatagramPool, FairQueue, LineLimiter, Pushed, SourceTable, TokenBucket,
+    lock_ignoring_poison as lock, Counters, DatagramPool, FairQueue, LineLimiter, Pushed,
+    SourceTable, TokenBucket,
 };
 use crate::audit::{AuditLog, KnockExtra};
 use crate::capture::{Capture, Peer, BUFFER_LEN};
@@ -77,13 +78,6 @@ struct Shared {
     stop: Arc<AtomicBool>,
     audit: Arc<AuditLog>,
     clock: Clock,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(poisoned) => poisoned.into_inner(),
-    }
 }
 
 impl Shared {

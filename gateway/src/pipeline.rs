@@ -21,7 +21,9 @@ use crate::replay_state::ReplayState;
 
 mod continuous;
 mod lifecycle;
-pub use lifecycle::{close_reason, global_session_id, SessionEvent, SessionInfo};
+pub use lifecycle::{
+    close_reason, global_session_id, GlobalSessionId, SessionEvent, SessionHex, SessionInfo,
+};
 
 /// Who an authenticated knock came from and what it asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -543,8 +545,8 @@ impl KnockPipeline {
                 hold: permit.hold,
                 opened_at_ms,
                 cap_at_ms,
-                valid_until_ms: permit.valid_until_ms,
-                decided: (view.generation(), permit),
+                permit,
+                generation: view.generation(),
             },
         );
         self.sessions

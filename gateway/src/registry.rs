@@ -158,13 +158,6 @@ impl RegistryView {
             span
         };
         for d in &snapshot.devices {
-            let bytes = match DevicePublicKey::text_bytes(&d.public_key) {
-                Ok(b) => b,
-                Err(e) => {
-                    warnings.push(format!("device {:?}: unusable public key: {e}", d.name));
-                    continue;
-                }
-            };
             // Exactly the canonical form (32 lowercase hex digits) names a device.
             let claimed: Option<DeviceId> = (d.id.len() == 32
                 && !d.id.bytes().any(|b| b.is_ascii_uppercase()))
@@ -172,22 +165,22 @@ impl RegistryView {
             .flatten();
             // The previous view holds this id only with a key that derives it (checked when
             // that view was built), so equal bytes mean an equally valid key and id.
-            let known = claimed.and_then(|id| {
-                let e = previous?.devices.get(&id)?;
-                (*e.key.as_bytes() == bytes).then_some((e.key, id))
+            let parsed = DevicePublicKey::text_bytes(&d.public_key).and_then(|bytes| {
+                let known = claimed.and_then(|id| {
+                    let e = previous?.devices.get(&id)?;
+                    (*e.key.as_bytes() == bytes).then_some((e.key, id))
+                });
+                known.map_or_else(
+                    || DevicePublicKey::from_bytes(&bytes).map(|k| (k, k.device_id())),
+                    Ok,
+                )
             });
-            let (key, id) = match known {
-                Some(known) => known,
-                None => match DevicePublicKey::from_bytes(&bytes) {
-                    Ok(k) => {
-                        let id = k.device_id();
-                        (k, id)
-                    }
-                    Err(e) => {
-                        warnings.push(format!("device {:?}: unusable public key: {e}", d.name));
-                        continue;
-                    }
-                },
+            let (key, id) = match parsed {
+                Ok(parsed) => parsed,
+                Err(e) => {
+                    warnings.push(format!("device {:?}: unusable public key: {e}", d.name));
+                    continue;
+                }
             };
             if claimed != Some(id) {
                 warnings.push(format!(

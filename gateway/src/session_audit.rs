@@ -13,15 +13,14 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use postern_protocol::snapshot::SessionKill;
 use std::net::IpAddr;
 
-use postern_firewall::SessionId;
+use postern_protocol::snapshot::SessionKill;
 use serde::Serialize;
 use serde_json::Value;
 
 use crate::audit::AuditLog;
-use crate::pipeline::{KnockPipeline, SessionEvent};
+use crate::pipeline::{GlobalSessionId, KnockPipeline, SessionEvent, SessionHex};
 use crate::session_board::SessionBoard;
 
 /// Shortest interval between two publications while sessions keep changing.
@@ -120,7 +119,7 @@ impl SessionReporter {
 pub struct LifecycleFields<'a> {
     /// Six lowercase hex digits.
     session: SessionHex,
-    /// `GATEWAY:HEXID`, what `session kill` takes ([`crate::pipeline::global_session_id`]).
+    /// `GATEWAY:HEXID`, what `session kill` takes ([`GlobalSessionId`]).
     session_id: GlobalSessionId<'a>,
     device: &'a str,
     device_name: &'a str,
@@ -138,38 +137,6 @@ pub struct LifecycleFields<'a> {
     closed_at_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     duration_ms: Option<u64>,
-}
-
-/// A session id as six lowercase hex digits.
-#[derive(Debug, Clone, Copy)]
-struct SessionHex(SessionId);
-
-impl std::fmt::Display for SessionHex {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:06x}", self.0 .0)
-    }
-}
-
-impl Serialize for SessionHex {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-/// [`crate::pipeline::global_session_id`] without building the string.
-#[derive(Debug, Clone, Copy)]
-struct GlobalSessionId<'a>(&'a str, SessionId);
-
-impl std::fmt::Display for GlobalSessionId<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.0, SessionHex(self.1))
-    }
-}
-
-impl Serialize for GlobalSessionId<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
 }
 
 /// The fields of `event`'s audit line, reported under `gateway`'s name.

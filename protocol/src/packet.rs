@@ -142,22 +142,9 @@ impl std::fmt::Display for AppName {
     }
 }
 
-impl PartialEq<str> for AppName {
-    fn eq(&self, other: &str) -> bool {
-        self.as_str() == other
-    }
-}
-
 impl PartialEq<&str> for AppName {
     fn eq(&self, other: &&str) -> bool {
         self.as_str() == *other
-    }
-}
-
-impl std::str::FromStr for AppName {
-    type Err = &'static str;
-    fn from_str(s: &str) -> Result<AppName, &'static str> {
-        AppName::new(s)
     }
 }
 

@@ -22,19 +22,20 @@ pub(super) struct SessionTerms {
     pub(super) opened_at_ms: u64,
     /// `opened_at_ms` + the maximum session length: no renewal goes past it.
     pub(super) cap_at_ms: u64,
-    /// Re-evaluate the decision at this instant (`None`: only on a new view).
-    pub(super) valid_until_ms: Option<u64>,
-    /// The latest decision for the session's device, app and source, and the view
-    /// ([`RegistryView::generation`]) it was made on: until `valid_until_ms`, the same view gives the same
-    /// decision (the policy engine's contract, see `Grant::valid_until`), so a renewal
+    /// The latest decision for the session's device, app and source: re-evaluated at its
+    /// `valid_until_ms` (`None`: only on a new view). Until then the same view gives the
+    /// same decision (the policy engine's contract, see `Grant::valid_until`), so a renewal
     /// re-knock reuses it instead of running the engine again.
-    pub(super) decided: (u64, Permit),
+    pub(super) permit: Permit,
+    /// The view ([`RegistryView::generation`]) `permit` was decided on.
+    pub(super) generation: u64,
 }
 
 impl SessionTerms {
     /// When the sweep must look at the session next.
     fn due_ms(&self) -> u64 {
-        self.valid_until_ms
+        self.permit
+            .valid_until_ms
             .map_or(self.cap_at_ms, |v| v.min(self.cap_at_ms))
     }
 }
@@ -112,21 +113,23 @@ impl SessionTable {
     /// when the session's latest one still holds: same view, before its `valid_until`.
     pub(super) fn decided(&self, key: &SessionKey, generation: u64, now_ms: u64) -> Option<Permit> {
         let (_, terms) = self.live_terms(key, now_ms)?;
-        let (at_generation, permit) = terms.decided;
-        let holds = at_generation == generation
+        let holds = terms.generation == generation
             && now_ms < terms.cap_at_ms
-            && terms.valid_until_ms.is_none_or(|until| now_ms < until);
-        holds.then_some(permit)
+            && terms
+                .permit
+                .valid_until_ms
+                .is_none_or(|until| now_ms < until);
+        holds.then_some(terms.permit)
     }
 
-    /// After a re-evaluation passed: the decision now holds until `valid_until_ms`.
-    fn revalidate(&mut self, id: u32, permit: Permit, revision: u64) {
+    /// After a re-evaluation on view `generation` passed: `permit` now holds.
+    fn revalidate(&mut self, id: u32, permit: Permit, generation: u64) {
         if let Some(terms) = self.terms.get(&id).copied() {
             self.set_terms(
                 SessionId(id),
                 SessionTerms {
-                    valid_until_ms: permit.valid_until_ms,
-                    decided: (revision, permit),
+                    permit,
+                    generation,
                     ..terms
                 },
             );
@@ -597,7 +600,8 @@ session_mode = "verdict"
         // A knock after the cap opens a new session.
         let (fresh, _) = lab.allowed(&v, "ssh", NOW + cap + 1000);
         assert_ne!(fresh, ssh);
-        let events = lab.pipeline.take_session_events();
+        let mut events = Vec::new();
+        lab.pipeline.move_session_events_into(&mut events);
         assert!(events.iter().any(|e| matches!(
             e,
             crate::pipeline::SessionEvent::Closed { reason, info, .. }

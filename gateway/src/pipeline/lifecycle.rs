@@ -12,6 +12,7 @@ use std::net::IpAddr;
 use crate::session_board::BoardSession;
 use postern_firewall::SessionId;
 use postern_protocol::snapshot::SessionKill;
+use serde::Serialize;
 
 use super::{KnockPipeline, SessionTable, Who};
 use crate::registry::RegistryView;
@@ -85,10 +86,42 @@ impl SessionEvent {
     }
 }
 
+/// A session id as six lowercase hex digits.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionHex(pub SessionId);
+
+impl std::fmt::Display for SessionHex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:06x}", self.0 .0)
+    }
+}
+
+impl Serialize for SessionHex {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 /// The global session ID the controller shows and `session kill` takes: `GATEWAY:HEXID`
-/// (six lowercase hex digits).
+/// (six lowercase hex digits), formatted in place.
+#[derive(Debug, Clone, Copy)]
+pub struct GlobalSessionId<'a>(pub &'a str, pub SessionId);
+
+impl std::fmt::Display for GlobalSessionId<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.0, SessionHex(self.1))
+    }
+}
+
+impl Serialize for GlobalSessionId<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// [`GlobalSessionId`] as a string.
 pub fn global_session_id(gateway: &str, session: SessionId) -> String {
-    format!("{gateway}:{:06x}", session.0)
+    GlobalSessionId(gateway, session).to_string()
 }
 
 impl SessionTable {
@@ -239,11 +272,6 @@ impl SessionTable {
 }
 
 impl KnockPipeline {
-    /// The lifecycle events since the last call (oldest first).
-    pub fn take_session_events(&mut self) -> Vec<SessionEvent> {
-        std::mem::take(&mut self.sessions.events)
-    }
-
     /// Moves the lifecycle events since the last call to the end of `into` (oldest
     /// first); both vectors keep their capacity (no allocation per knock).
     pub fn move_session_events_into(&mut self, into: &mut Vec<SessionEvent>) {
